@@ -1,0 +1,172 @@
+"""Model families: where each family keeps its activation sites, in one table.
+
+A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites.
+Families that share a layout share a spec (Marian, BART, mBART, M2M100/NLLB, Pegasus, Blenderbot, PLBart
+and FSMT all use ``fc1 -> activation_fn -> fc2``). A model that matches no spec falls back to
+:data:`GENERIC`, which gates activation modules by type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import timm.layers
+import transformers.activations as hf_act
+from torch import nn
+
+from .gates import GateKind
+
+Selector = Union[str, list[str], None]
+
+# Activation types gated when no explicit target is given. Saturating "gates" (sigmoid, tanh, hard-sigmoid),
+# softmax and the identity are not FFN nonlinearities and are left alone unless targeted explicitly.
+NOT_GATED_BY_DEFAULT: tuple[type, ...] = (
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardsigmoid,
+    nn.Softmax,
+    nn.Identity,
+    nn.GLU,
+    hf_act.LinearActivation,
+    timm.layers.activations.Sigmoid,
+    timm.layers.activations.Tanh,
+    timm.layers.activations.HardSigmoid,
+)
+
+_TORCH_ACTIVATIONS: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Softplus, nn.PReLU, nn.RReLU, nn.Hardtanh,
+)
+_TIMM_ACTIVATIONS: tuple[type, ...] = (
+    timm.layers.activations.Swish, timm.layers.activations.Mish, timm.layers.activations.HardSwish,
+    timm.layers.activations.HardMish, timm.layers.activations.PReLU, timm.layers.activations.GELU,
+    timm.layers.activations.GELUTanh, timm.layers.activations.QuickGELU,
+)
+
+
+def _hf_activation_classes() -> tuple[type, ...]:
+    classes = []
+    for entry in hf_act.ACT2CLS.values():
+        cls = entry[0] if isinstance(entry, tuple) else entry
+        classes.append(cls)
+    return tuple(classes)
+
+
+ACTIVATION_TYPES: tuple[type, ...] = tuple(
+    c for c in {*_TORCH_ACTIVATIONS, *_TIMM_ACTIVATIONS, *_hf_activation_classes()} if not issubclass(c, NOT_GATED_BY_DEFAULT)
+)
+"""Module types that the generic rule gates: ReLU/GELU/SiLU/... from torch, timm and ``transformers.ACT2CLS``."""
+
+_ACTIVATION_NAME = re.compile(r"(act|relu|gelu|silu|swish|mish|elu|tanh|sigmoid|softmax|softplus|glu)", re.I)
+
+
+def is_activation_like(module: nn.Module) -> bool:
+    """True for leaf modules that look like activations (by type or by class name); used in error messages."""
+    if isinstance(module, ACTIVATION_TYPES + NOT_GATED_BY_DEFAULT):
+        return not isinstance(module, nn.Identity)
+    return not list(module.children()) and bool(_ACTIVATION_NAME.search(type(module).__name__))
+
+
+def glu_kind(parent: Optional[nn.Module]) -> GateKind:
+    """``"glu"`` when ``parent`` is a gated FFN ``act(u) * v`` whose ``act`` is the site, else ``"elementwise"``.
+
+    Recognised: timm ``GluMlp``/``SwiGLUPacked``/``SwiGLU``, T5 v1.1/mT5 ``wi_0``/``wi_1``, and the
+    ``gate_proj``/``up_proj`` layout of LLaMA-style MLPs.
+    """
+    if parent is None:
+        return "elementwise"
+    if isinstance(parent, (timm.layers.GluMlp, timm.layers.SwiGLU)):
+        return "glu"
+    for gate_name, value_name in (("wi_0", "wi_1"), ("gate_proj", "up_proj")):
+        if hasattr(parent, gate_name) and hasattr(parent, value_name):
+            return "glu"
+    return "elementwise"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model layout.
+
+    Attributes:
+        name: the family's name, recorded in checkpoints.
+        matches: predicate on the (unpatched) model.
+        target_modules: default selector of the activation sites (regex, full match on the module name),
+            or None to gate every activation module by type.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    target_modules: Selector = None
+
+
+def _hf_model_type(*model_types: str) -> Callable[[nn.Module], bool]:
+    def match(model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in model_types
+
+    return match
+
+
+def _timm_class(*class_names: str) -> Callable[[nn.Module], bool]:
+    def match(model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.") and any(
+            cls.__name__ in class_names for cls in type(model).__mro__
+        )
+
+    return match
+
+
+SEQ2SEQ_FC = FamilySpec(
+    name="seq2seq_fc",
+    matches=_hf_model_type(
+        "marian", "bart", "mbart", "m2m_100", "pegasus", "blenderbot", "blenderbot-small", "plbart", "fsmt", "mvp"
+    ),
+    target_modules=r".*(encoder|decoder)\.layers\.\d+\.activation_fn",
+)
+T5 = FamilySpec(
+    name="t5",
+    matches=_hf_model_type("t5", "mt5", "umt5", "longt5"),
+    target_modules=r".*\.DenseReluDense\.act",
+)
+BERT = FamilySpec(
+    name="bert",
+    matches=_hf_model_type("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"),
+    target_modules=r".*\.intermediate\.intermediate_act_fn",
+)
+DISTILBERT = FamilySpec(
+    name="distilbert",
+    matches=_hf_model_type("distilbert"),
+    target_modules=r".*\.ffn\.activation",
+)
+HF_VIT = FamilySpec(
+    name="hf_vit",
+    matches=_hf_model_type("vit", "deit"),
+    target_modules=r".*\.intermediate\.intermediate_act_fn",
+)
+TIMM_TRANSFORMER = FamilySpec(
+    name="timm_transformer",
+    matches=_timm_class("VisionTransformer", "SwinTransformer", "Eva", "ConvNeXt"),
+    target_modules=r".*\.mlp\.act",
+)
+TIMM_CNN = FamilySpec(
+    name="timm_cnn",
+    matches=_timm_class("ResNet", "EfficientNet", "MobileNetV3"),
+)
+GENERIC = FamilySpec(name="generic", matches=lambda model: True)
+
+FAMILIES: tuple[FamilySpec, ...] = (SEQ2SEQ_FC, T5, BERT, DISTILBERT, HF_VIT, TIMM_TRANSFORMER, TIMM_CNN, GENERIC)
+"""The registry, most specific first; :data:`GENERIC` is the catch-all."""
+
+
+def find_family(model: nn.Module) -> FamilySpec:
+    """The first family in :data:`FAMILIES` whose predicate accepts ``model``."""
+    return next(spec for spec in FAMILIES if spec.matches(model))
+
+
+def family_by_name(name: str) -> FamilySpec:
+    for spec in FAMILIES:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"Unknown model family {name!r}; known families: {[f.name for f in FAMILIES]}.")

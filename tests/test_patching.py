@@ -1,0 +1,296 @@
+"""patch_model / unpatch / gated_modules / set_linear / summary on every supported family."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import transformers as tf
+from conftest import run
+from torch import nn
+
+import hf_linearize as hl
+from hf_linearize.gates import GatedActivation
+
+EXPECTED_SITES = {  # family -> (number of gated sites, gate kind)
+    "marian": (4, "elementwise"), "bart": (4, "elementwise"), "mbart": (4, "elementwise"),
+    "m2m100": (4, "elementwise"), "pegasus": (4, "elementwise"), "fsmt": (4, "elementwise"),
+    "t5": (4, "elementwise"), "t5_v1_1": (4, "glu"), "mt5": (4, "glu"), "bert": (2, "elementwise"),
+    "timm_resnet": (17, "elementwise"), "timm_convnext": (12, "elementwise"), "timm_vit": (2, "elementwise"),
+    "timm_deit": (2, "elementwise"), "timm_swin": (4, "elementwise"), "timm_efficientnet": (49, "elementwise"),
+    "timm_mobilenetv3": (33, "elementwise"), "timm_swiglu_vit": (2, "glu"), "torchvision_resnet": (17, "elementwise"),
+}
+
+
+def test_fresh_patch_is_exact(family_case):
+    name, model, inputs = family_case
+    with torch.no_grad():
+        before = run(model, inputs)
+        _patch(name, model, inputs)
+        after = run(model, inputs)
+    assert torch.equal(before, after), name
+    gates = list(hl.gated_modules(model))
+    count, kind = EXPECTED_SITES[name]
+    assert len(gates) == count
+    assert {g.kind for _, g in gates} == {kind}
+    assert all(g.alpha.shape == (g.channels,) and not g.alpha.any() for _, g in gates)
+
+
+def _patch(name: str, model: nn.Module, inputs) -> nn.Module:
+    """Patch with the automatic probe input, except for torchvision models, which need ``example_inputs``."""
+    return hl.patch_model(model, example_inputs=inputs if name.startswith("torchvision") else None)
+
+
+def _site_inputs(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        g.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach().clone()))
+        for n, g in hl.gated_modules(model)
+    ]
+    with torch.no_grad():
+        run(model, inputs)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_all_linear_units_are_affine(family_case):
+    """With every gate at 1 each gated unit is affine in its input: superposition to 1e-6 in fp32."""
+    name, model, inputs = family_case
+    _patch(name, model, inputs)
+    assert hl.set_linear(model, 1.0) == hl.summary(model)["total"]["units"]
+    site_inputs = _site_inputs(model, inputs)
+    assert len(site_inputs) == EXPECTED_SITES[name][0]
+    gates = dict(hl.gated_modules(model))
+    for site, x in site_inputs.items():
+        gate = gates[site]
+        y = torch.randn_like(x)
+        with torch.no_grad():
+            lhs = gate(x + 2.0 * y) - gate(torch.zeros_like(x))
+            rhs = (gate(x) - gate(torch.zeros_like(x))) + 2.0 * (gate(y) - gate(torch.zeros_like(x)))
+        torch.testing.assert_close(lhs, rhs, atol=1e-6, rtol=0)
+        expected = x if gate.kind == "elementwise" else torch.ones_like(x)
+        assert torch.equal(gate(x), expected)
+
+
+@pytest.mark.parametrize("case", ["t5_v1_1", "timm_swiglu_vit"])
+def test_linear_glu_unit_is_linear_in_ffn_input(case):
+    """For gated FFNs the whole unit act(u)*v becomes v: the FFN is affine in its input (T5 has no bias: linear)."""
+    from conftest import FAMILY_CASES
+
+    torch.manual_seed(0)
+    model, _ = FAMILY_CASES[case]()
+    model.eval()
+    hl.patch_model(model)
+    hl.set_linear(model, 1.0)
+    gate_name, _ = next(hl.gated_modules(model))
+    ffn = model.get_submodule(gate_name.rsplit(".", 1)[0]).double()  # fp64: the check is on the function, not on rounding
+    d = next(m for m in ffn.modules() if isinstance(m, nn.Linear)).in_features
+    x, y = torch.randn(3, 4, d, dtype=torch.float64), torch.randn(3, 4, d, dtype=torch.float64)
+    with torch.no_grad():
+        zero = ffn(torch.zeros_like(x))
+        torch.testing.assert_close(ffn(x + y) - zero, (ffn(x) - zero) + (ffn(y) - zero), atol=1e-6, rtol=0)
+    # With the gates back at 0 the same check fails: the test can tell a linear FFN from a nonlinear one.
+    for _, g in hl.gated_modules(model):
+        g.alpha.data.zero_()
+    with torch.no_grad():
+        zero = ffn(torch.zeros_like(x))
+        assert (ffn(x + y) - zero - (ffn(x) - zero) - (ffn(y) - zero)).abs().max() > 1e-4
+
+
+def test_gradients_reach_gates(marian):
+    model, inputs = marian
+    hl.patch_model(model, hl.LinearizeConfig(gate_init=0.3))
+    model.train()
+    run(model, inputs).square().mean().backward()
+    grads = [g.alpha.grad for _, g in hl.gated_modules(model)]
+    assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+def test_state_dict_round_trip(marian):
+    model, inputs = marian
+    hl.patch_model(model)
+    hl.set_linear(model, 0.5, seed=3)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    torch.manual_seed(123)
+    fresh = hl.patch_model(tf.MarianMTModel(model.config).eval())
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), run(fresh, inputs))
+    assert hl.summary(fresh) == hl.summary(model)
+
+
+def test_unpatch_restores_original_modules(family_case):
+    name, model, inputs = family_case
+    original = copy.deepcopy(model)
+    with torch.no_grad():
+        before = run(model, inputs)
+    _patch(name, model, inputs)
+    hl.unpatch(model)
+    assert not hl.is_patched(model)
+    assert not any(isinstance(m, (hl.GatedActivation, hl.SharedGatedActivation)) for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+    assert [getattr(m, "inplace", None) for m in model.modules()] == [
+        getattr(m, "inplace", None) for m in original.modules()
+    ]
+    assert all(not p._forward_pre_hooks for p in model.modules()), "reset hooks left behind"
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), before)
+
+
+def test_unpatch_refuses_when_gates_moved(marian):
+    model, _ = marian
+    hl.patch_model(model)
+    hl.set_linear(model, {"model.encoder.layers.0.activation_fn": 0.25})
+    with pytest.raises(ValueError, match="6 unit\\(s\\) in 1 gated layer"):
+        hl.unpatch(model)
+    assert hl.is_patched(model)
+
+
+def test_shared_activation_gets_one_gate_per_call_site():
+    from conftest import FAMILY_CASES
+
+    model, x = FAMILY_CASES["torchvision_resnet"]()
+    model.eval()
+    hl.patch_model(model, example_inputs=x)
+    block = model.layer1[0]
+    assert isinstance(block.relu, hl.SharedGatedActivation) and len(block.relu.sites) == 2
+    # Linearizing only the second call site of block.relu changes only what follows the residual add.
+    calls = []
+    block.relu.sites[0].register_forward_hook(lambda m, a, o: calls.append(0))
+    block.relu.sites[1].register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert calls == [0, 1, 0, 1]
+
+
+def test_set_linear_masks_and_fractions(marian):
+    model, _ = marian
+    hl.patch_model(model)
+    name, gate = next(hl.gated_modules(model))
+    mask = torch.zeros(gate.channels, dtype=torch.bool)
+    mask[[1, 5]] = True
+    assert hl.set_linear(model, {name: mask}) == 2
+    assert gate.alpha[1] == 1.0 and gate.alpha[5] == 1.0 and gate.alpha.sum() == 2.0
+    assert hl.set_linear(model, 0.5) == sum(round(0.5 * g.channels) for _, g in hl.gated_modules(model))
+    with pytest.raises(KeyError, match="gated_modules"):
+        hl.set_linear(model, {"model.encoder.layers.0.fc1": 1.0})
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        hl.set_linear(model, {name: torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        hl.set_linear(model, 1.5)
+
+
+def test_summary_counts_and_table(marian):
+    model, _ = marian
+    hl.patch_model(model, hl.LinearizeConfig(linear_threshold=0.01))
+    name, gate = next(hl.gated_modules(model))
+    gate.alpha.data[:3] = torch.tensor([1.0, 0.995, 0.98])
+    s = hl.summary(model)
+    assert s["layers"][name] == {"units": 24, "linear": 2, "nonlinear": 22}
+    assert s["total"]["units"] == 2 * 24 + 2 * 20 and s["total"]["linear"] == 2
+    assert s["family"] == "seq2seq_fc"
+    table = str(s)
+    assert name in table and "TOTAL" in table and table.splitlines()[-1].split()[-3:] == ["88", "2", "86"]
+
+
+def test_target_and_exclude_modules(marian):
+    model, _ = marian
+    hl.patch_model(model, hl.LinearizeConfig(target_modules=["activation_fn"], exclude_modules=r".*decoder.*"))
+    assert [n for n, _ in hl.gated_modules(model)] == [
+        "model.encoder.layers.0.activation_fn", "model.encoder.layers.1.activation_fn"]
+
+
+def test_bert_defaults_skip_pooler_tanh_and_mlm_head():
+    config = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=24)
+    model = hl.patch_model(tf.BertForPreTraining(config).eval())
+    names = [n for n, _ in hl.gated_modules(model)]
+    assert names == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+
+
+def test_real_pretrained_minilm_embeddings_unchanged(minilm_dir):
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_dir)
+    model = tf.AutoModel.from_pretrained(minilm_dir).eval()
+    batch = tokenizer(["A man is riding a horse.", "Zwei Hunde spielen im Schnee."], padding=True,
+                      return_tensors="pt")
+
+    def embed() -> torch.Tensor:
+        with torch.no_grad():
+            tokens = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((tokens * mask).sum(1) / mask.sum(1), dim=-1)
+
+    before = embed()
+    hl.patch_model(model)
+    assert len(list(hl.gated_modules(model))) == 6
+    assert hl.summary(model)["total"]["units"] == 6 * 1536
+    assert torch.equal(embed(), before)
+    hl.set_linear(model, 1.0)
+    assert not torch.allclose(embed(), before, atol=1e-3)  # the gates are really in the computation
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _snapshot(model: nn.Module) -> list:
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        hl.patch_model("Helsinki-NLP/opus-mt-en-de")
+
+
+def test_target_pattern_matching_nothing_lists_activations(marian):
+    model, _ = marian
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"matched nothing.*activation_fn \(GELUActivation\)"):
+        hl.patch_model(model, hl.LinearizeConfig(target_modules=["does_not_exist"]))
+    assert _snapshot(model) == before and not hl.is_patched(model)
+
+
+def test_target_that_is_not_an_activation(marian):
+    model, _ = marian
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="is not an activation"):
+        hl.patch_model(model, hl.LinearizeConfig(target_modules=["fc1"]))
+    assert _snapshot(model) == before
+
+
+def test_model_without_activations():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="Activation-like modules in this model: none"):
+        hl.patch_model(model, example_inputs=torch.randn(1, 4))
+
+
+def test_patching_twice_is_an_error(marian):
+    model, _ = marian
+    hl.patch_model(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already patched"):
+        hl.patch_model(model)
+    assert _snapshot(model) == before
+
+
+def test_generic_model_needs_example_inputs():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        hl.patch_model(model)
+    hl.patch_model(model, example_inputs=torch.randn(1, 4))
+    assert [(n, g.channels, g.channel_dim) for n, g in hl.gated_modules(model)] == [("1", 8, -1)]
+    assert hl.summary(model)["family"] == "generic"
+
+
+def test_invalid_config_object(marian):
+    model, _ = marian
+    with pytest.raises(TypeError, match="LinearizeConfig"):
+        hl.patch_model(model, {"gate_init": 0.0})
+
+
+def test_gate_rejects_wrong_width():
+    gate = GatedActivation(nn.ReLU(), 4)
+    with pytest.raises(RuntimeError, match="expects 4 channels"):
+        gate(torch.randn(2, 5))
