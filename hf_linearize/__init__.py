@@ -1,19 +1,31 @@
 """hf_linearize: measure and remove the nonlinearity a trained network does not use."""
 
-from .config import LinearizeConfig
-from .gates import GatedActivation, SharedGatedActivation
-from .patching import GateSummary, gated_modules, is_patched, patch_model, set_linear, summary, unpatch
-
 __version__ = "0.1.0"
+
+from .config import LinearizeConfig  # noqa: E402
+from .core_map import average_path_length, model_graph, path_length_report, plot_core_map, save_report_json  # noqa: E402
+from .gates import GatedActivation, SharedGatedActivation  # noqa: E402
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .path_length import PathGraph  # noqa: E402
+from .patching import GateSummary, gated_modules, is_patched, patch_model, set_linear, summary, unpatch  # noqa: E402
 
 __all__ = [
     "GateSummary",
     "GatedActivation",
     "LinearizeConfig",
+    "PathGraph",
     "SharedGatedActivation",
+    "average_path_length",
+    "from_pretrained",
     "gated_modules",
     "is_patched",
+    "model_graph",
     "patch_model",
+    "path_length_report",
+    "plot_core_map",
+    "push_to_hub",
+    "save_pretrained",
+    "save_report_json",
     "set_linear",
     "summary",
     "unpatch",

@@ -1,9 +1,10 @@
-"""Model families: where each family keeps its activation sites, in one table.
+"""Model families: where each family keeps its activation sites and what its path graph is, in one table.
 
-A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites.
+A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites and
+how to build its path graph (the builders and the graph of each family are in :mod:`hf_linearize.graphs`).
 Families that share a layout share a spec (Marian, BART, mBART, M2M100/NLLB, Pegasus, Blenderbot, PLBart
 and FSMT all use ``fc1 -> activation_fn -> fc2``). A model that matches no spec falls back to
-:data:`GENERIC`, which gates activation modules by type.
+:data:`GENERIC`, which gates activation modules by type and has a path graph for plain MLP stacks only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import timm.layers
 import transformers.activations as hf_act
 from torch import nn
 
+from . import graphs
 from .gates import GateKind
 
 Selector = Union[str, list[str], None]
@@ -92,12 +94,15 @@ class FamilySpec:
     Attributes:
         name: the family's name, recorded in checkpoints.
         matches: predicate on the (unpatched) model.
+        graph: builds the path graph of a patched model of this layout (see :mod:`hf_linearize.graphs`);
+            raises ``NotImplementedError`` for a model of the family whose layout it cannot read.
         target_modules: default selector of the activation sites (regex, full match on the module name),
             or None to gate every activation module by type.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
+    graph: graphs.GraphBuilder
     target_modules: Selector = None
 
 
@@ -109,9 +114,11 @@ def _hf_model_type(*model_types: str) -> Callable[[nn.Module], bool]:
     return match
 
 
-def _timm_class(*class_names: str) -> Callable[[nn.Module], bool]:
+def _library_class(library: str, *class_names: str) -> Callable[[nn.Module], bool]:
+    """Match models of ``library`` (e.g. ``"timm"``) by class name, without importing the library."""
+
     def match(model: nn.Module) -> bool:
-        return type(model).__module__.startswith("timm.") and any(
+        return type(model).__module__.startswith(library + ".") and any(
             cls.__name__ in class_names for cls in type(model).__mro__
         )
 
@@ -124,39 +131,53 @@ SEQ2SEQ_FC = FamilySpec(
         "marian", "bart", "mbart", "m2m_100", "pegasus", "blenderbot", "blenderbot-small", "plbart", "fsmt", "mvp"
     ),
     target_modules=r".*(encoder|decoder)\.layers\.\d+\.activation_fn",
+    graph=graphs.seq2seq_fc_graph,
 )
 T5 = FamilySpec(
     name="t5",
     matches=_hf_model_type("t5", "mt5", "umt5", "longt5"),
     target_modules=r".*\.DenseReluDense\.act",
+    graph=graphs.t5_graph,
 )
 BERT = FamilySpec(
     name="bert",
     matches=_hf_model_type("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"),
     target_modules=r".*\.intermediate\.intermediate_act_fn",
+    graph=graphs.bert_graph,
 )
 DISTILBERT = FamilySpec(
     name="distilbert",
     matches=_hf_model_type("distilbert"),
     target_modules=r".*\.ffn\.activation",
+    graph=graphs.distilbert_graph,
 )
 HF_VIT = FamilySpec(
     name="hf_vit",
     matches=_hf_model_type("vit", "deit"),
-    target_modules=r".*\.intermediate\.intermediate_act_fn",
+    target_modules=r"(.*\.)?layers\.\d+\.mlp\.activation_fn",
+    graph=graphs.hf_vit_graph,
 )
 TIMM_TRANSFORMER = FamilySpec(
     name="timm_transformer",
-    matches=_timm_class("VisionTransformer", "SwinTransformer", "Eva", "ConvNeXt"),
+    matches=_library_class("timm", "VisionTransformer", "SwinTransformer", "Eva", "ConvNeXt"),
     target_modules=r".*\.mlp\.act",
+    graph=graphs.timm_transformer_graph,
 )
 TIMM_CNN = FamilySpec(
     name="timm_cnn",
-    matches=_timm_class("ResNet", "EfficientNet", "MobileNetV3"),
+    matches=_library_class("timm", "ResNet", "EfficientNet", "MobileNetV3"),
+    graph=graphs.cnn_graph,
 )
-GENERIC = FamilySpec(name="generic", matches=lambda model: True)
+TORCHVISION_RESNET = FamilySpec(
+    name="torchvision_resnet",
+    matches=_library_class("torchvision", "ResNet"),
+    graph=graphs.cnn_graph,
+)
+GENERIC = FamilySpec(name="generic", matches=lambda model: True, graph=graphs.mlp_graph)
 
-FAMILIES: tuple[FamilySpec, ...] = (SEQ2SEQ_FC, T5, BERT, DISTILBERT, HF_VIT, TIMM_TRANSFORMER, TIMM_CNN, GENERIC)
+FAMILIES: tuple[FamilySpec, ...] = (
+    SEQ2SEQ_FC, T5, BERT, DISTILBERT, HF_VIT, TIMM_TRANSFORMER, TIMM_CNN, TORCHVISION_RESNET, GENERIC
+)
 """The registry, most specific first; :data:`GENERIC` is the catch-all."""
 
 

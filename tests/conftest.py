@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +80,36 @@ FAMILY_CASES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "torchvision_resnet": lambda: (torchvision.models.resnet18(num_classes=5), _image(64)),
 }
 """Family name -> factory of ``(model in train mode, example inputs)``. Seeded by the ``family_case`` fixture."""
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse, and fail the test on, any lookup of or connection to a non-loopback host (even if swallowed)."""
+    attempts: list[Any] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def check(host: Any) -> None:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            attempts.append(host)
+            raise ConnectionRefusedError(f"test tried to reach {host!r}")
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            check(address[0])
+        real_connect(sock, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        check(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert attempts == []
 
 
 @pytest.fixture(params=sorted(FAMILY_CASES))

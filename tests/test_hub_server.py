@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
@@ -36,36 +33,6 @@ from huggingface_hub.errors import (
 
 TOKEN = "secret-token"
 BINARY = bytes(range(256)) * 5 + b"\x00\xff\r\n"
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse, and fail the test on, any lookup of or connection to a non-loopback host (even if swallowed)."""
-    attempts: list[Any] = []
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def check(host: Any) -> None:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
-            attempts.append(host)
-            raise ConnectionRefusedError(f"test tried to reach {host!r}")
-
-    def connect(sock: socket.socket, address: Any) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            check(address[0])
-        real_connect(sock, address)
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        check(host)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield
-    assert attempts == []
 
 
 @pytest.fixture

@@ -1,0 +1,210 @@
+"""Linearized checkpoints: save/load exactness, model card, push/pull through a local Hub server, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import timm
+import torch
+import transformers as tf
+from conftest import FAMILY_CASES, run
+from hub_server import LocalHub, hub_env
+from huggingface_hub import ModelCard, create_repo, upload_folder
+
+import hf_linearize as hl
+from hf_linearize.hub import LINEARIZE_CONFIG_NAME, HubPushError, LinearizedCheckpointError
+
+
+@pytest.fixture
+def linearized_marian(marian):
+    model, inputs = marian
+    hl.patch_model(model, hl.LinearizeConfig(prior_lambda=0.5, budget_target=0.3))
+    hl.set_linear(model, 0.5, seed=1)
+    for _, gate in hl.gated_modules(model):  # partial gates too, so exactness is not trivial
+        gate.alpha.data[gate.alpha == 0] = 0.3
+    return model, inputs
+
+
+@pytest.fixture
+def linearized_resnet():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    hl.patch_model(model)
+    hl.set_linear(model, 0.25)
+    return model, torch.randn(2, 3, 64, 64)
+
+
+def test_save_load_transformers_exact(tmp_path, linearized_marian):
+    model, inputs = linearized_marian
+    hl.save_pretrained(model, tmp_path, metrics={"bleu": 12.5, "chrf": 40.0}, dataset="multi30k",
+                       base_model="Helsinki-NLP/opus-mt-en-de", language=["en", "de"])
+    assert {"config.json", LINEARIZE_CONFIG_NAME, "model.safetensors", "README.md"} <= {
+        p.name for p in tmp_path.iterdir()}
+    loaded = hl.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
+    assert hl.summary(loaded) == hl.summary(model)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "marian"
+
+
+def test_save_load_timm_exact(tmp_path, linearized_resnet):
+    model, x = linearized_resnet
+    hl.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "resnet18"
+    loaded = hl.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_metadata_is_measured_on_the_saved_model(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path, metrics={"bleu": 12.5})
+    meta = json.loads((tmp_path / LINEARIZE_CONFIG_NAME).read_text())
+    total = hl.summary(model)["total"]
+    assert meta["format_version"] == 1 and meta["library_version"] == hl.__version__
+    assert meta["summary"]["total"] == total and total["linear"] == total["units"] // 2
+    assert meta["path_length"]["normalized_apl"] == pytest.approx(hl.average_path_length(model))
+    assert meta["linearize_config"]["budget_target"] == 0.3
+
+
+def test_model_card_yaml_parses_back(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path, metrics={"bleu": 12.5, "chrf": 40.0}, dataset="multi30k",
+                       base_model="Helsinki-NLP/opus-mt-en-de")
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "hf_linearize" and data["base_model"] == "Helsinki-NLP/opus-mt-en-de"
+    assert {"linearized", "average-path-length"} <= set(data["tags"])
+    pl = data["path_length"]
+    total = hl.summary(model)["total"]
+    assert (pl["total_units"], pl["linear_units"], pl["nonlinear_units"]) == (
+        total["units"], total["linear"], total["nonlinear"])
+    assert pl["normalized_apl"] == pytest.approx(hl.average_path_length(model))
+    assert pl["unnormalized_apl"] == pytest.approx(hl.average_path_length(model, normalized=False))
+    assert pl["per_layer_nonlinear"] == {n: v["nonlinear"] for n, v in hl.summary(model)["layers"].items()}
+    assert pl["prior"]["prior_lambda"] == 0.5
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"bleu": 12.5, "chrf": 40.0}
+    assert "still nonlinear" in card.text and f"{pl['normalized_apl']:.3f}" in card.text
+
+
+def test_plain_transformers_load_warns_about_the_gates(tmp_path, linearized_marian, caplog):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    tf.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            tf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    finally:
+        tf.logging.disable_propagation()
+    assert "UNEXPECTED" in caplog.text and "activation_fn.alpha" in caplog.text
+
+
+def test_push_and_load_round_trip_with_revision_pin(tmp_path, linearized_marian, linearized_resnet):
+    marian, inputs = linearized_marian
+    resnet, x = linearized_resnet
+    with LocalHub(token="secret") as hub, hub_env(hub):
+        url = hl.push_to_hub(marian, "user/marian-lin", save_directory=tmp_path / "m", metrics={"bleu": 1.0})
+        assert "user/marian-lin" in url
+        first = hub.commits("user/marian-lin")[-1].oid
+        hl.push_to_hub(resnet, "user/resnet-lin")
+        with torch.no_grad():
+            assert torch.equal(run(hl.from_pretrained("user/marian-lin"), inputs), run(marian, inputs))
+            assert torch.equal(hl.from_pretrained("user/resnet-lin")(x), resnet(x))
+        card = ModelCard.load("user/marian-lin")
+        assert card.data.to_dict()["path_length"]["linear_units"] == hl.summary(marian)["total"]["linear"]
+
+        before = hl.summary(marian)
+        hl.set_linear(marian, 1.0)
+        hl.push_to_hub(marian, "user/marian-lin")
+        assert hl.summary(hl.from_pretrained("user/marian-lin"))["total"]["nonlinear"] == 0
+        assert hl.summary(hl.from_pretrained("user/marian-lin", revision=first)) == before
+
+
+def test_push_failure_keeps_local_save(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    with LocalHub(token="secret") as hub, hub_env(hub, token="wrong"):
+        with pytest.raises(HubPushError, match="saved at"):
+            hl.push_to_hub(model, "user/denied", save_directory=tmp_path)
+    assert hl.from_pretrained(tmp_path) is not None
+    with LocalHub() as hub, hub_env(hub):
+        endpoint = hub.endpoint
+    with hub_env(endpoint=endpoint):  # the server is gone: connection refused on loopback
+        with pytest.raises(HubPushError, match=str(tmp_path / "second")):
+            hl.push_to_hub(model, "user/gone", save_directory=tmp_path / "second")
+    assert (tmp_path / "second" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_missing_linearize_config(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    (tmp_path / LINEARIZE_CONFIG_NAME).unlink()
+    with pytest.raises(LinearizedCheckpointError, match="linearize_config.json is missing"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_corrupt_linearize_config(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    (tmp_path / LINEARIZE_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(LinearizedCheckpointError, match="is corrupt"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_future_format_version(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    meta = json.loads((tmp_path / LINEARIZE_CONFIG_NAME).read_text())
+    meta["format_version"] = 99
+    (tmp_path / LINEARIZE_CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(LinearizedCheckpointError, match="format_version 99, newer than .* upgrade hf_linearize"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    other, _ = FAMILY_CASES["marian"]()
+    hl.patch_model(other, hl.LinearizeConfig(exclude_modules=r".*decoder.*"))
+    hl.save_pretrained(other, tmp_path / "other")
+    (tmp_path / LINEARIZE_CONFIG_NAME).write_text((tmp_path / "other" / LINEARIZE_CONFIG_NAME).read_text())
+    with pytest.raises(LinearizedCheckpointError, match=r"gate tensors .*decoder.* belong to no site"):
+        hl.from_pretrained(tmp_path)
+    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "model.safetensors")
+    hl.save_pretrained(model, tmp_path / "third")
+    (tmp_path / "model.safetensors").replace(tmp_path / "third" / "model.safetensors")
+    with pytest.raises(LinearizedCheckpointError, match="decoder.layers.0.activation_fn.alpha expected shape"):
+        hl.from_pretrained(tmp_path / "third")
+
+
+def test_repo_that_is_not_linearized(tmp_path):
+    plain, _ = FAMILY_CASES["marian"]()
+    plain.save_pretrained(tmp_path)
+    with LocalHub() as hub, hub_env(hub):
+        create_repo("user/plain")
+        upload_folder(folder_path=tmp_path, repo_id="user/plain")
+        with pytest.raises(LinearizedCheckpointError, match="'user/plain' .* is not a linearized model"):
+            hl.from_pretrained("user/plain")
+    with pytest.raises(LinearizedCheckpointError, match="linearize_config.json is missing"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_saving_an_unsupported_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    hl.patch_model(model, example_inputs=torch.randn(1, 3))
+    with pytest.raises(TypeError, match="transformers and timm models"):
+        hl.save_pretrained(model, tmp_path)
+
+
+def test_recorded_sites_that_the_model_does_not_have(tmp_path, linearized_marian):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    meta = json.loads((tmp_path / LINEARIZE_CONFIG_NAME).read_text())
+    meta["sites"]["model.encoder.layers.0.activation_fn"] = 99
+    (tmp_path / LINEARIZE_CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(LinearizedCheckpointError, match="do not belong together"):
+        hl.from_pretrained(tmp_path)
