@@ -1,0 +1,1 @@
+"""Translation support for the recipes: parallel corpora, a shared tokenizer trained on them, BLEU/chrF."""
