@@ -39,6 +39,11 @@ _INDEFINITE = {"m": "ein", "f": "eine", "n": "ein"}
 _STRONG_ENDING = {"m": "er", "f": "e", "n": "es"}  # adjective after "ein"
 
 
+def _inflect(stem: str, ending: str) -> str:
+    """German adjective ending: "müde" + "en" -> "müden", "klein" + "en" -> "kleinen"."""
+    return stem + (ending[1:] if stem.endswith("e") and ending.startswith("e") else ending)
+
+
 def _pair(rng: random.Random) -> tuple[str, str]:
     en_sg, en_pl, de_sg, de_pl, gender = rng.choice(NOUNS)
     adjective = rng.choice(ADJECTIVES) if rng.random() < 0.6 else None
@@ -46,16 +51,16 @@ def _pair(rng: random.Random) -> tuple[str, str]:
     plural = determiner in ("number", "the_plural")
     if determiner == "a":
         en_det, de_det = ("an" if (adjective or (en_sg,))[0][0] in "aeiou" else "a"), _INDEFINITE[gender]
-        de_adj = adjective and adjective[1] + _STRONG_ENDING[gender]
+        de_adj = adjective and _inflect(adjective[1], _STRONG_ENDING[gender])
     elif determiner == "the":
         en_det, de_det = "the", _DEFINITE[gender]
-        de_adj = adjective and adjective[1] + "e"
+        de_adj = adjective and _inflect(adjective[1], "e")
     elif determiner == "number":
         en_det, de_det = rng.choice(NUMBERS)
-        de_adj = adjective and adjective[1] + "e"
+        de_adj = adjective and _inflect(adjective[1], "e")
     else:
         en_det, de_det = "the", "die"
-        de_adj = adjective and adjective[1] + "en"
+        de_adj = adjective and _inflect(adjective[1], "en")
     en_subject = [en_det] + ([adjective[0]] if adjective else []) + [en_pl if plural else en_sg]
     de_subject = [de_det] + ([de_adj] if adjective else []) + [de_pl if plural else de_sg]
     verb_en, verb_sg, verb_pl = rng.choice(VERBS)
