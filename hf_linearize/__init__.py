@@ -7,12 +7,17 @@ from .core_map import average_path_length, model_graph, path_length_report, plot
 from .gates import GatedActivation, SharedGatedActivation  # noqa: E402
 from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .path_length import PathGraph  # noqa: E402
+from .trainer import LinearizeCallback, LinearizeMixin, LinearizePlainTrainer, LinearizeTrainer  # noqa: E402
 from .patching import GateSummary, gated_modules, is_patched, patch_model, set_linear, summary, unpatch  # noqa: E402
 
 __all__ = [
     "GateSummary",
     "GatedActivation",
+    "LinearizeCallback",
     "LinearizeConfig",
+    "LinearizeMixin",
+    "LinearizePlainTrainer",
+    "LinearizeTrainer",
     "PathGraph",
     "SharedGatedActivation",
     "average_path_length",

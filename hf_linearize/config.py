@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -43,8 +44,8 @@ def _check_schedule(name: str, value: Schedule, allow_none: bool) -> None:
 
 
 def _check_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"LinearizeConfig.{name} must be a number; got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"LinearizeConfig.{name} must be a finite number; got {value!r}.")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
@@ -70,9 +71,11 @@ class LinearizeConfig:
 
     # --- training prior (used by LinearizeTrainer) ---------------------------------------------
     prior_lambda: float = 0.0
-    """Weight of the L1 prior ``lambda * mean(1 - a)`` over all gated units; >= 0."""
+    """Weight of the L1 prior ``lambda * mean(1 - a)`` over all gated units; >= 0. 0 without a budget trains the
+    model with every gate held where it is. With ``budget_target`` it is the controller's starting lambda
+    (0 = 1.0)."""
     prior_start: Schedule = 0
-    """When the prior switches on. 0 = from the start ("early"); later = "late"."""
+    """When the prior switches on. 0 = from the start ("early"); later = "late". Before it the gates are held."""
     prior_warmup: Schedule = 0
     """Length of the linear ramp of lambda from 0 to ``prior_lambda`` after ``prior_start``."""
     freeze_gates_after: Schedule = None
@@ -85,6 +88,13 @@ class LinearizeConfig:
     """If set, a controller adjusts lambda to reach this value of ``budget_metric`` and hold it."""
     budget_metric: str = "nonlinear_fraction"
     """What the budget measures: 'nonlinear_fraction' (in [0, 1]) or 'normalized_apl' (>= 0)."""
+    budget_gain: float = 0.01
+    """Budget controller: change of log(lambda) per optimizer step at full error; > 0."""
+    budget_tolerance: float = 0.02
+    """Budget controller: the target counts as reached once ``|measured - target| <= budget_tolerance``; >= 0."""
+    budget_scale: Optional[float] = None
+    """Budget controller: error (in metric units) at which its step saturates; > 0. None = 0.05 for
+    'nonlinear_fraction', 5% of the first measured value for 'normalized_apl'."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried along in saved checkpoints (JSON-serialisable)."""
 
@@ -112,6 +122,10 @@ class LinearizeConfig:
         if self.budget_target is not None:
             high = 1.0 if self.budget_metric == "nonlinear_fraction" else float("inf")
             _check_range("budget_target", self.budget_target, 0.0, high)
+        _check_range("budget_gain", self.budget_gain, 0.0, float("inf"), low_open=True)
+        _check_range("budget_tolerance", self.budget_tolerance, 0.0, float("inf"))
+        if self.budget_scale is not None:
+            _check_range("budget_scale", self.budget_scale, 0.0, float("inf"), low_open=True)
         if not isinstance(self.extra, dict):
             raise ValueError(f"LinearizeConfig.extra must be a dict; got {type(self.extra).__name__}.")
 

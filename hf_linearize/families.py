@@ -98,12 +98,16 @@ class FamilySpec:
             raises ``NotImplementedError`` for a model of the family whose layout it cannot read.
         target_modules: default selector of the activation sites (regex, full match on the module name),
             or None to gate every activation module by type.
+        mean_task_loss: the model's ``forward`` returns a plain mean loss and ignores ``num_items_in_batch``
+            although it takes ``**kwargs`` (transformers 5 would then mis-scale it under gradient accumulation
+            and DDP; `LinearizeTrainer` tells the Trainer so).
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     graph: graphs.GraphBuilder
     target_modules: Selector = None
+    mean_task_loss: bool = False
 
 
 def _hf_model_type(*model_types: str) -> Callable[[nn.Module], bool]:
@@ -132,12 +136,14 @@ SEQ2SEQ_FC = FamilySpec(
     ),
     target_modules=r".*(encoder|decoder)\.layers\.\d+\.activation_fn",
     graph=graphs.seq2seq_fc_graph,
+    mean_task_loss=True,
 )
 T5 = FamilySpec(
     name="t5",
     matches=_hf_model_type("t5", "mt5", "umt5", "longt5"),
     target_modules=r".*\.DenseReluDense\.act",
     graph=graphs.t5_graph,
+    mean_task_loss=True,
 )
 BERT = FamilySpec(
     name="bert",

@@ -22,16 +22,82 @@ Two kinds of site:
 
 Both are computed with ``torch.lerp``, which is exact at both ends (weight 0 returns ``act(x)``, weight 1
 returns the target), so a fresh patch changes no output bit and a linear unit is exactly linear.
+
+Cost. When every gate of a site is 0 and the gate lives on the CPU, the site returns ``act(x)`` itself and skips
+the interpolation (the same bits; on an accelerator the check would stall the device, and a traced or compiled
+graph must serve any gate values, so there the interpolation always runs). With gradients on, the gate is one
+autograd node (`_GateFunction`) that saves only ``x`` and recomputes ``act(x)`` in its backward, instead of
+keeping ``act(x)`` alive as a plain ``lerp`` would; the gate gradient is accumulated in fp32 whatever the input
+dtype. (Activations with parameters of their own, such as PReLU, keep plain autograd.)
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
 GateKind = Literal["elementwise", "glu"]
+
+
+def _reduce_dims(ndim: int, channel_dim: int) -> list[int]:
+    """Every dimension of an ``ndim``-dimensional input except its channel dimension."""
+    channel = channel_dim % ndim
+    return [d for d in range(ndim) if d != channel]
+
+
+class _GateFunction(torch.autograd.Function):
+    """``lerp(act(x), target, w)`` with ``target = x`` (elementwise) or 1 (glu), ``w`` = ``alpha`` cast to
+    ``x.dtype`` and shaped to broadcast along ``channel_dim``.
+
+    Forward: exactly `GatedActivation`'s no-grad computation. Backward: ``act(x)`` is recomputed from the saved
+    ``x``; ``d/dx = (1 - w) act'(x) + w [elementwise]``, ``d/dalpha_c = sum over all but the channel dim of
+    g * (target - act(x))``, accumulated in fp32 or wider.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, act: nn.Module, channel_dim: int, glu: bool,
+                all_zero: bool) -> torch.Tensor:
+        w = _broadcast_weight(alpha, x, channel_dim)
+        ctx.save_for_backward(x, alpha)
+        ctx.act, ctx.channel_dim, ctx.glu, ctx.all_zero = act, channel_dim, glu, all_zero
+        return _mix(act(x), x, w, glu, all_zero)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, alpha = ctx.saved_tensors
+        need_x, need_alpha = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(need_x)
+            y = ctx.act(x_leaf)
+        grad_x = grad_alpha = None
+        if need_alpha:
+            distance = (1.0 - y.detach()) if ctx.glu else (x - y.detach())
+            accumulate = torch.promote_types(g.dtype, torch.float32)
+            grad_alpha = distance.mul_(g).sum(_reduce_dims(x.dim(), ctx.channel_dim), dtype=accumulate)
+            grad_alpha = grad_alpha.reshape(alpha.shape).to(alpha.dtype)
+        if need_x:
+            w = _broadcast_weight(alpha, x, ctx.channel_dim)
+            (grad_x,) = torch.autograd.grad(y, x_leaf, g if ctx.all_zero else g * (1.0 - w))
+            if not (ctx.all_zero or ctx.glu):
+                grad_x = grad_x.addcmul_(g, w)
+        return grad_x, grad_alpha, None, None, None, None
+
+
+def _broadcast_weight(alpha: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    w = alpha.to(x.dtype)
+    if channel_dim == 1 and x.dim() > 2:
+        w = w.view(-1, *([1] * (x.dim() - 2)))
+    return w
+
+
+def _mix(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, glu: bool, all_zero: bool) -> torch.Tensor:
+    """``lerp(y, target, w)``; ``y`` itself when every weight is 0 (the same bits as the lerp)."""
+    if all_zero:
+        return y
+    return torch.lerp(y, x.new_ones(()) if glu else x, w)
 
 
 class GatedActivation(nn.Module):
@@ -65,11 +131,11 @@ class GatedActivation(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_dim={self.channel_dim}, kind={self.kind!r}"
 
-    def _weight(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.alpha.to(x.dtype)
-        if self.channel_dim == 1 and x.dim() > 2:
-            a = a.view(-1, *([1] * (x.dim() - 2)))
-        return a
+    def _all_zero(self) -> bool:
+        """True when every gate is 0 and checking costs no device sync (CPU, not compiling: a compiled graph must
+        keep the interpolation for other gate values)."""
+        return (self.alpha.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(self.alpha.detach().any()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[self.channel_dim] != self.channels:
@@ -77,9 +143,15 @@ class GatedActivation(nn.Module):
                 f"Gated activation expects {self.channels} channels in dim {self.channel_dim}, got input of shape "
                 f"{tuple(x.shape)}. The model's width changed after patching; patch it again."
             )
-        y = self.act(x)
-        target = x if self.kind == "elementwise" else x.new_ones(())
-        return torch.lerp(y, target, self._weight(x))
+        glu = self.kind == "glu"
+        tracing = torch.jit.is_tracing()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
+        if needs_grad and not tracing and next(self.act.parameters(), None) is None:
+            return _GateFunction.apply(x, self.alpha, self.act, self.channel_dim, glu, self._all_zero())
+        # Plain ops: without gradients; in a traced graph (valid for any gate values); or for an activation with
+        # parameters of its own (PReLU), whose gradients autograd must see.
+        all_zero = not (needs_grad or tracing) and self._all_zero()
+        return _mix(self.act(x), x, _broadcast_weight(self.alpha, x, self.channel_dim), glu, all_zero)
 
 
 class SharedGatedActivation(nn.Module):

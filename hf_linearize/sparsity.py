@@ -11,9 +11,12 @@ Order of calls for one optimizer step (what `GateRegularizer` does)::
 
     loss = task_loss + reg.loss(step)          # prior_loss(alphas, lambda_at(step))
     loss.backward()
-    reg.before_step(step)                      # zero grads of frozen units (all units once gates freeze)
+    reg.before_step(step)                      # zero grads of frozen units (all units while gates are held)
     optimizer.step()
     reg.after_step(step)                       # re-pin frozen units, snap + freeze, clamp, budget update
+
+The gates move only while the prior acts on them: before ``start``, from ``freeze_after`` on, and for a whole run
+whose prior weight is 0 without a budget, every gate is held where it is (`GateRegularizer.gates_held`).
 """
 
 from __future__ import annotations
@@ -253,7 +256,7 @@ class PriorSchedule:
     """When the prior acts and how strongly. Positions: int = optimizer step, float in [0, 1] = fraction
     of ``total_steps`` (rounded to the nearest step; resolve them with `resolve`).
 
-    * ``step < start``: off (``lambda_at = 0``).
+    * ``step < start``: off (``lambda_at = 0``); `GateRegularizer` holds the gates.
     * ``start <= step``: on, ``lambda_at(start + k) = lam * min(1, (k + 1) / warmup)`` (``warmup = 0``: ``lam``).
     * ``step >= freeze_after``: all gates frozen; the prior is off again.
     """
@@ -409,6 +412,19 @@ class BudgetController:
             self.reached_step = step
         return self.lam
 
+    @classmethod
+    def from_config(cls, config: "LinearizeConfig") -> "BudgetController":
+        """The controller of ``config.budget_target``: starts at ``prior_lambda`` (0 = 1.0) with ``budget_gain``,
+        ``budget_tolerance`` and ``budget_scale`` (None = 0.05 for a nonlinear fraction, else 5% of the first
+        measurement)."""
+        if config.budget_target is None:
+            raise ValueError("LinearizeConfig.budget_target is None; set it to use a budget controller.")
+        scale = config.budget_scale
+        if scale is None and config.budget_metric == "nonlinear_fraction":
+            scale = 0.05
+        return cls(config.budget_target, init_lambda=config.prior_lambda or 1.0, gain=config.budget_gain,
+                   scale=scale, tolerance=config.budget_tolerance)
+
     def state_dict(self) -> dict[str, Optional[float]]:
         return {"log_lambda": self.log_lambda, "scale": self.scale, "last_measured": self.last_measured,
                 "reached_step": self.reached_step}
@@ -474,12 +490,15 @@ class GateRegularizer:
         measure: Optional[Callable[[], float]] = None,
     ) -> "GateRegularizer":
         """Build from a `LinearizeConfig`; ``total_steps`` resolves fractional schedule positions."""
-        controller = None
-        if config.budget_target is not None:
-            scale = 0.05 if config.budget_metric == "nonlinear_fraction" else None
-            controller = BudgetController(config.budget_target, init_lambda=config.prior_lambda or 1.0, scale=scale)
+        controller = None if config.budget_target is None else BudgetController.from_config(config)
         return cls(alphas, PriorSchedule.from_config(config).resolve(total_steps), config.linear_threshold,
                    config.freeze_linear, controller, config.budget_metric, measure)
+
+    def gates_held(self, step: int) -> bool:
+        """True when update ``step`` must leave every gate as it is: outside the prior's window
+        (``step < start`` or ``step >= freeze_after``) or in a run whose prior weight is always 0 (``lam = 0``
+        and no controller), which then trains the rest of the model only."""
+        return not self.schedule.active(step) or (self.controller is None and self.schedule.lam == 0.0)
 
     def lambda_at(self, step: int) -> float:
         """Prior weight for the loss of update ``step``."""
@@ -493,9 +512,9 @@ class GateRegularizer:
     @torch.no_grad()
     def before_step(self, step: int) -> None:
         """Between ``backward()`` (and gradient clipping) and ``optimizer.step()``: zero the gradients of
-        frozen units; once the schedule freezes the gates, zero all gate gradients and remember the values
-        that `after_step` restores (optimizer momentum and weight decay would move them otherwise)."""
-        if self.schedule.gates_frozen(step):
+        frozen units; while `gates_held`, zero all gate gradients and remember the values that `after_step`
+        restores (optimizer momentum and weight decay would move them otherwise)."""
+        if self.gates_held(step):
             self._pinned = [a.detach().clone() for a in self.alphas]
             for a in self.alphas:
                 if a.grad is not None:
@@ -507,9 +526,9 @@ class GateRegularizer:
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:
         """After ``optimizer.step()``: update the gates and the controller; return metrics for logging."""
-        if self.schedule.gates_frozen(step):
+        if self.gates_held(step):
             if self._pinned is None:
-                raise RuntimeError("With frozen gates, call before_step(step) before optimizer.step() and after_step.")
+                raise RuntimeError("With held gates, call before_step(step) before optimizer.step() and after_step.")
             for a, v in zip(self.alphas, self._pinned):
                 a.copy_(v)
             self._pinned = None

@@ -10,7 +10,8 @@ from hf_linearize import LinearizeConfig
 def test_json_round_trip(tmp_path):
     config = LinearizeConfig(target_modules=["activation_fn"], exclude_modules=r".*decoder.*", gate_init=0.25,
                              prior_lambda=2.0, prior_start=0.5, prior_warmup=100, freeze_gates_after=0.9,
-                             budget_target=0.3, gate_lr=1e-2, extra={"note": "x"})
+                             budget_target=0.3, gate_lr=1e-2, budget_gain=0.05, budget_tolerance=0.01,
+                             budget_scale=0.1, extra={"note": "x"})
     path = tmp_path / "linearize_config.json"
     config.to_json_file(path)
     loaded = LinearizeConfig.from_json_file(path)
@@ -22,7 +23,7 @@ def test_json_round_trip(tmp_path):
     "kwargs, message",
     [
         ({"gate_init": 1.5}, r"gate_init=1.5 is out of range; it must lie in \[0.0, 1.0\]"),
-        ({"gate_init": "0"}, "gate_init must be a number"),
+        ({"gate_init": "0"}, "gate_init must be a finite number"),
         ({"linear_threshold": 0.0}, r"linear_threshold=0.0 is out of range"),
         ({"prior_lambda": -1.0}, "prior_lambda=-1.0 is out of range"),
         ({"prior_start": 1.5}, "a float is a fraction of training, write an int for a step"),
@@ -35,6 +36,13 @@ def test_json_round_trip(tmp_path):
         ({"budget_target": 1.2}, "budget_target=1.2 is out of range"),
         ({"gate_lr": 0.0}, "gate_lr=0.0 is out of range"),
         ({"freeze_linear": 1}, "freeze_linear must be a bool"),
+        ({"budget_gain": 0.0}, r"budget_gain=0.0 is out of range; it must lie in \(0.0, inf\]"),
+        ({"budget_gain": "fast"}, "budget_gain must be a finite number"),
+        ({"budget_gain": float("inf")}, "budget_gain must be a finite number; got inf"),
+        ({"prior_lambda": float("nan")}, "prior_lambda must be a finite number; got nan"),
+        ({"budget_tolerance": -0.01}, r"budget_tolerance=-0.01 is out of range; it must lie in \[0.0, inf\]"),
+        ({"budget_scale": 0.0}, "budget_scale=0.0 is out of range"),
+        ({"budget_scale": -1.0}, "budget_scale=-1.0 is out of range"),
     ],
 )
 def test_invalid_values_are_rejected(kwargs, message):

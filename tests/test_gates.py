@@ -59,6 +59,71 @@ def test_bf16_input_keeps_fp32_gates_and_gradients():
     assert gate.alpha.grad is not None and gate.alpha.grad.dtype == torch.float32
 
 
+def _reference(gate: GatedActivation, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The gate formula written out with plain autograd ops."""
+    w = alpha.view(-1, *([1] * (x.dim() - 2))) if gate.channel_dim == 1 and x.dim() > 2 else alpha
+    return torch.lerp(gate.act(x), x if gate.kind == "elementwise" else torch.ones_like(x), w)
+
+
+@pytest.mark.parametrize("kind", ["elementwise", "glu"])
+@pytest.mark.parametrize("channel_dim, shape", [(-1, (3, 5, 8)), (1, (3, 8, 4, 4)), (1, (6, 8))])
+@pytest.mark.parametrize("alpha", [[0.0] * 8, [0.0, 1.0, 0.25, 0.5, 0.75, 0.0, 1.0, 0.1]])
+def test_gradients_match_the_formula(kind, channel_dim, shape, alpha):
+    gate = GatedActivation(nn.GELU(), 8, channel_dim=channel_dim, kind=kind).double()
+    gate.alpha.data = torch.tensor(alpha, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = gate(x)
+    assert torch.equal(out, _reference(gate, x, gate.alpha))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, gate.alpha), g)
+    expected = torch.autograd.grad(_reference(gate, x, gate.alpha), (x, gate.alpha), g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    def call(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(gate, {"alpha": a}, (x,))
+
+    assert torch.autograd.gradcheck(call, (x, gate.alpha.detach().clone().requires_grad_()))
+
+
+def test_training_graph_keeps_only_the_input_and_the_gates():
+    """act(x) is recomputed in backward, not saved; the output is a fresh tensor that may be changed in place."""
+    gate = GatedActivation(nn.SiLU(), 8, init=0.5)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = gate(x)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0] is x and saved[1] is gate.alpha
+    gate.alpha.data.zero_()  # the all-zero shortcut returns act(x) itself
+    out = gate(x)
+    assert torch.equal(out, nn.functional.silu(x))
+    out.mul_(2.0).sum().backward()
+    torch.testing.assert_close(gate.alpha.grad, (2.0 * (x - nn.functional.silu(x))).sum(0).detach())
+
+
+def test_activation_parameters_and_zero_gates_get_gradients():
+    gate = GatedActivation(nn.PReLU(8), 8, init=0.0)
+    x = torch.randn(4, 8, requires_grad=True)
+    gate(x).sum().backward()
+    assert gate.act.weight.grad is not None and bool(gate.act.weight.grad.any())
+    torch.testing.assert_close(gate.alpha.grad, (x - gate.act(x)).sum(0).detach())
+
+
+def test_traced_and_exported_gates_follow_later_gate_values():
+    gate = GatedActivation(nn.GELU(), 4)
+    x = torch.randn(2, 4)
+    traced = torch.jit.trace(gate, x, check_trace=False)
+    exported = torch.export.export(gate, (x,)).module()
+    gate.alpha.data.fill_(1.0)
+    assert torch.equal(traced(x), x) and torch.equal(exported(x), x)
+
+
+def test_bf16_gate_gradient_is_accumulated_in_fp32():
+    gate = GatedActivation(nn.GELU(), 4, init=0.5)
+    x = torch.randn(4096, 4, dtype=torch.bfloat16, requires_grad=True)
+    gate(x).float().sum().backward()
+    exact = (x - nn.functional.gelu(x)).double().sum(0)  # the bf16 terms, summed exactly
+    torch.testing.assert_close(gate.alpha.grad.double(), exact, rtol=1e-5, atol=0)  # a bf16 sum is off by ~1e-3
+
+
 def test_shared_sites_cycle_and_reset():
     sites = [GatedActivation(nn.ReLU(), 4, init=v) for v in (0.0, 1.0)]
     shared = SharedGatedActivation(sites)

@@ -314,6 +314,25 @@ def test_zero_lambda_with_zero_gate_gradient_changes_no_gate() -> None:
     assert (model.act.alpha.detach() > before).all()
 
 
+def test_gates_are_held_before_start_and_in_a_run_without_prior() -> None:
+    torch.manual_seed(0)
+    model = _MLP()
+    with torch.no_grad():
+        model.act.alpha.uniform_(0.2, 0.8)  # the task gradient of every gate is nonzero here
+    start = model.act.alpha.detach().clone()
+    reg = GateRegularizer([model.act.alpha], PriorSchedule(start=10, lam=1.0), EPS)
+    opt = _optimizer(model)
+    assert reg.gates_held(9) and not reg.gates_held(10)
+    _train(model, reg, opt, range(10))
+    assert torch.equal(model.act.alpha.detach(), start)
+    _train(model, reg, opt, range(10, 11))
+    assert not torch.equal(model.act.alpha.detach(), start)
+    off = GateRegularizer([model.act.alpha], PriorSchedule(lam=0.0), EPS)
+    assert off.gates_held(0)
+    assert not GateRegularizer([model.act.alpha], PriorSchedule(lam=0.0), EPS,
+                               controller=BudgetController(0.5)).gates_held(0)
+
+
 def test_gates_stay_put_after_freeze_despite_momentum() -> None:
     torch.manual_seed(0)
     model = _MLP()
@@ -347,6 +366,18 @@ def test_from_config_and_apl_budget() -> None:
     assert calls == [1] and metrics["budget_measured"] == 2.0
     assert reg.controller.scale == pytest.approx(0.1)  # 5% of the first measurement
     assert reg.lambda_at(1) == pytest.approx(0.1 * math.exp(0.01))
+
+
+def test_controller_from_config() -> None:
+    config = LinearizeConfig(budget_target=0.4, prior_lambda=3.0, budget_gain=0.2, budget_tolerance=0.05,
+                             budget_scale=0.1)
+    c = BudgetController.from_config(config)
+    assert (c.target, c.lam, c.gain, c.tolerance, c.scale) == (0.4, pytest.approx(3.0), 0.2, 0.05, 0.1)
+    assert BudgetController.from_config(LinearizeConfig(budget_target=0.4)).scale == 0.05
+    apl = LinearizeConfig(budget_target=2.0, budget_metric="normalized_apl")
+    assert BudgetController.from_config(apl).scale is None
+    with pytest.raises(ValueError, match="budget_target is None"):
+        BudgetController.from_config(LinearizeConfig())
 
 
 # --- resume --------------------------------------------------------------------------------------------

@@ -1,0 +1,394 @@
+"""`LinearizeTrainer`: train a patched model with the sparsity prior toward linearity.
+
+Thin glue from `transformers.Trainer` hooks to :class:`hf_linearize.sparsity.GateRegularizer`. The settings
+(prior, schedule, budget, ``gate_lr``, threshold) come from the model's `LinearizeConfig`
+(``patch_model(model, config)``) or from the trainer's ``linearize_config=`` argument.
+
+=======================================  =========================================================================
+hook                                     what it does
+=======================================  =========================================================================
+``compute_loss`` (training only)         task loss + ``lambda(step) * mean(1 - a)`` over all gated units
+``on_pre_optimizer_step`` (callback)     after gradient clipping: zero the gradients of frozen units / held gates
+``on_optimizer_step`` (callback)         re-pin frozen units, snap ``a >= 1 - eps`` to exactly 1, clamp into
+                                         [0, 1], update the budget controller
+``log``                                  adds the ``linearize/*`` metrics to every training log and the summary
+``create_optimizer``                     the gates get a parameter group of their own: ``gate_lr``, no weight decay
+``_save_checkpoint`` / ``train``         ``linearize_state.pt`` in every checkpoint, restored on resume
+``_save``                                the linearized checkpoint format (:func:`hf_linearize.hub.save_pretrained`)
+=======================================  =========================================================================
+
+``step`` is ``TrainerState.global_step``, the number of optimizer steps completed. Fractional schedule
+positions are fractions of ``state.max_steps``.
+
+Loss scaling. The Trainer divides the loss of each micro-batch by the number of gradient-accumulation
+micro-batches unless that loss is already normalised over the whole accumulated batch (``num_items_in_batch``,
+``compute_loss_func``); the prior is divided by the micro-batch count exactly when the Trainer does not do it,
+so every optimizer step gets the prior's gradient once, whatever ``gradient_accumulation_steps`` is. Under
+data parallelism each rank adds the same prior and gradients are averaged, so it also counts once. The logged
+``linearize/task_loss`` is the Trainer's ``loss`` minus the prior term, so it follows the Trainer's convention.
+
+Task loss (transformers 5.x): the Trainer takes the loss of any model whose ``forward`` has ``**kwargs`` as
+normalised by ``num_items_in_batch``, but Marian, BART, mBART, M2M100, Pegasus, Blenderbot, PLBart, FSMT and T5
+compute a plain mean and ignore it, so their task loss would not be divided under gradient accumulation and
+would be multiplied by the world size under DDP. For families marked ``mean_task_loss`` in the family table
+(and no ``compute_loss_func``) the trainer sets ``model_accepts_loss_kwargs = False``, which gives the plain
+mean everywhere.
+
+Distributed. Every gate operation is elementwise on the gate tensors or a sum over them, on every rank
+alike; the gates' gradients are all-reduced with the rest, so the gates stay identical on all ranks (checked
+for DDP with gloo on CPU, 2 processes, under ``accelerate launch``). FSDP and DeepSpeed were not run: the logic
+needs whole (unsharded) gate tensors on every rank (FSDP2 ``DTensor`` sums are all-reduced; ZeRO-3 partitions
+would not be) and, for those backends, checkpoints are written in the Trainer's own format.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
+
+from . import hub
+from .config import LinearizeConfig
+from .families import family_by_name
+from .core_map import model_graph
+from .path_length import apl
+from .patching import gated_modules, patch_state
+from .sparsity import GateRegularizer, gate_stats
+
+__all__ = [
+    "LINEARIZE_STATE_NAME",
+    "LinearizeCallback",
+    "LinearizeMixin",
+    "LinearizePlainTrainer",
+    "LinearizeTrainer",
+    "move_gates_to_own_group",
+]
+
+logger = logging.get_logger(__name__)
+
+LINEARIZE_STATE_NAME = "linearize_state.pt"
+"""File in every checkpoint directory: `GateRegularizer.state_dict()` (linear-unit masks, controller state)."""
+
+PATCHING_FIELDS = ("target_modules", "exclude_modules", "gate_init", "linear_threshold")
+"""`LinearizeConfig` fields fixed by patching; a ``linearize_config=`` override must keep the model's values."""
+
+
+class LinearizeCallback(TrainerCallback):
+    """The gate logic around every optimizer step, and the numbers that `LinearizeMixin` logs.
+
+    Holds the `GateRegularizer` of the current ``train()`` call: built in ``on_train_begin`` (once
+    ``state.max_steps`` is known) and loaded from ``resume_state`` (a checkpoint's ``linearize_state.pt``) when
+    that is set. `LinearizeMixin` creates, registers and drives it; it is not meant to be added on its own.
+    """
+
+    def __init__(self, config: LinearizeConfig) -> None:
+        self.config = config
+        self.regularizer: Optional[GateRegularizer] = None
+        self.resume_state: Optional[dict[str, Any]] = None
+        self._model: Optional[nn.Module] = None
+        self._has_graph = True
+        self._lambda = 0.0
+        self._reset_window()
+        self._run_prior, self._run_steps = 0.0, 0
+
+    # --------------------------------------------------------------------------------------- Trainer events
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
+        alphas = [gate.alpha for _, gate in gated_modules(model)]
+        if not alphas:
+            raise ValueError("The model has no gates; call hf_linearize.patch_model(model) before training.")
+        measure = None
+        if self.config.budget_target is not None and self.config.budget_metric == "normalized_apl":
+            measure = functools.partial(_normalized_apl, model)
+            measure()  # a model without a path graph fails here, before any step
+        self.regularizer = GateRegularizer.from_config(alphas, self.config, total_steps=state.max_steps,
+                                                       measure=measure)
+        if self.resume_state is not None:
+            self.regularizer.load_state_dict(self.resume_state)
+        self._model, self._has_graph = model, True
+        self._reset_window()
+        self._run_prior, self._run_steps = 0.0, 0
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        reg = self._require()
+        step = state.global_step
+        self._lambda = reg.lambda_at(step)
+        with torch.no_grad():
+            prior = float(reg.loss(step))  # this update's prior term, before the optimizer moves the gates
+        self._window_prior += prior
+        self._window_steps += 1
+        self._run_prior += prior
+        self._run_steps += 1
+        reg.before_step(step)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._window_newly += int(self._require().after_step(state.global_step)["newly_linear"])
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        controller = self.regularizer.controller if self.regularizer is not None else None
+        if controller is not None:
+            step = controller.reached_step
+            reached = "never reached" if step is None else f"reached at step {step}"
+            error = "not measured" if controller.error is None else f"final error {controller.error:+.4f}"
+            logger.info(f"Budget {self.config.budget_metric} = {controller.target}: {reached}, {error}.")
+
+    # --------------------------------------------------------------------------------------- for the mixin
+    def prior_loss(self, step: int) -> torch.Tensor:
+        """The prior term of update ``step`` (0-dim fp32 tensor, differentiable in the gates)."""
+        return self._require().loss(step)
+
+    def window_metrics(self, loss: float) -> dict[str, float]:
+        """Metrics of the optimizer steps since the last log (empty if none), then start a new window.
+
+        ``loss`` is the Trainer's logged loss over the same steps (task + prior), so
+        ``linearize/task_loss = loss - linearize/prior``; both are means over the window.
+        """
+        if self.regularizer is None or self._window_steps == 0:
+            return {}
+        prior = self._window_prior / self._window_steps
+        metrics = {
+            "linearize/task_loss": loss - prior,
+            "linearize/prior": prior,
+            "linearize/lambda": self._lambda,
+            "linearize/newly_linear": self._window_newly,
+            **self._state_metrics(),
+        }
+        self._reset_window()
+        return metrics
+
+    def run_metrics(self, train_loss: float) -> dict[str, float]:
+        """End-of-training summary: mean task loss of this ``train()`` call and the final gate, path-length and
+        budget state (``linearize/budget_reached_step`` only when the target was reached)."""
+        if self.regularizer is None:
+            return {}
+        metrics = self._state_metrics()
+        if self._run_steps:
+            metrics["linearize/task_loss"] = train_loss - self._run_prior / self._run_steps
+        if self.regularizer.controller is not None:
+            metrics["linearize/budget_target"] = self.regularizer.controller.target
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._require().state_dict()
+
+    # --------------------------------------------------------------------------------------- internals
+    def _require(self) -> GateRegularizer:
+        if self.regularizer is None:
+            raise RuntimeError("The linearization prior is built when training starts; call trainer.train() first.")
+        return self.regularizer
+
+    def _reset_window(self) -> None:
+        self._window_prior, self._window_steps, self._window_newly = 0.0, 0, 0
+
+    def _state_metrics(self) -> dict[str, float]:
+        reg = self._require()
+        stats = gate_stats(reg.alphas, reg.eps)
+        metrics: dict[str, float] = {
+            "linearize/nonlinear_fraction": stats["nonlinear_fraction"],
+            "linearize/linear_units": stats["linear_units"],
+            **self._apl_metrics(),
+        }
+        controller = reg.controller
+        if controller is not None and controller.error is not None:
+            metrics["linearize/budget_error"] = controller.error
+            if controller.reached_step is not None:
+                metrics["linearize/budget_reached_step"] = controller.reached_step
+        return metrics
+
+    def _apl_metrics(self) -> dict[str, float]:
+        """Both APL forms, or nothing for a model whose family has no path graph (warned once)."""
+        if not self._has_graph:
+            return {}
+        try:
+            graph = model_graph(self._model)
+        except NotImplementedError as err:
+            self._has_graph = False
+            logger.warning(f"Not logging path lengths: {err}")
+            return {}
+        return {"linearize/apl_normalized": apl(graph, normalized=True),
+                "linearize/apl_unnormalized": apl(graph, normalized=False)}
+
+
+def _normalized_apl(model: nn.Module) -> float:
+    return apl(model_graph(model), normalized=True)
+
+
+def _load_state(checkpoint: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The regularizer state saved in a checkpoint directory by `LinearizeMixin`."""
+    path = Path(checkpoint) / LINEARIZE_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {checkpoint} was not written by a LinearizeTrainer, so the linear units and the "
+            "budget controller cannot be restored. Resume from a checkpoint of a LinearizeTrainer run, or start a "
+            "new run from its weights (hf_linearize.hub.from_pretrained)."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def move_gates_to_own_group(optimizer: torch.optim.Optimizer, gates: list[nn.Parameter], lr: float) -> None:
+    """Take ``gates`` out of the optimizer's parameter groups and give them a group of their own with learning
+    rate ``lr`` and no weight decay (groups left empty are dropped). Call before the first step."""
+    ids = {id(p) for p in gates}
+    moved = sum(id(p) in ids for group in optimizer.param_groups for p in group["params"])
+    if moved != len(ids):
+        raise ValueError(
+            f"Only {moved} of {len(ids)} gate parameters are in the optimizer. Keep the gates trainable "
+            "(requires_grad=True) and use an optimizer built from model.parameters(), or pass your own optimizer "
+            "through Trainer(optimizers=...) with the gates in it."
+        )
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+    optimizer.add_param_group({"params": list(gates), "lr": lr, "weight_decay": 0.0})
+
+
+def _saves_linearized_format(model: nn.Module) -> bool:
+    try:
+        hub._backend(model)
+    except TypeError:
+        return False
+    return True
+
+
+class LinearizeMixin:
+    """Adds the linearization prior to a `transformers.Trainer` class: ``class T(LinearizeMixin, Trainer)``.
+
+    Keyword argument besides the Trainer's own:
+        linearize_config: replaces the model's `LinearizeConfig` for training and is recorded on the model (so
+            checkpoints carry it); its patching fields (target_modules, exclude_modules, gate_init,
+            linear_threshold) must equal the model's.
+
+    Attributes:
+        linearize_config: the settings in use.
+        linearize_callback: the `LinearizeCallback`; ``linearize_callback.regularizer`` is the run's
+            `GateRegularizer` (gate tensors, linear-unit tracker, budget controller) once ``train()`` started.
+    """
+
+    def __init__(self, *args: Any, linearize_config: Optional[LinearizeConfig] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        state = patch_state(self.model)
+        if linearize_config is not None:
+            if not isinstance(linearize_config, LinearizeConfig):
+                raise TypeError(f"linearize_config must be a LinearizeConfig; got {type(linearize_config).__name__}.")
+            differ = [f for f in PATCHING_FIELDS if getattr(linearize_config, f) != getattr(state.config, f)]
+            if differ:
+                raise ValueError(
+                    f"linearize_config differs from the model's patching settings in {differ}. Start from the "
+                    "model's config: dataclasses.replace(hf_linearize.patching.patch_state(model).config, "
+                    "prior_lambda=..., ...)."
+                )
+            state.config = linearize_config
+        self.linearize_config: LinearizeConfig = state.config
+        if family_by_name(state.family).mean_task_loss and self.compute_loss_func is None:
+            self.model_accepts_loss_kwargs = False
+        self.linearize_callback = LinearizeCallback(self.linearize_config)
+        self.add_callback(self.linearize_callback)
+
+    def train(
+        self,
+        resume_from_checkpoint: Union[str, bool, None] = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Optional[list[str]] = None,
+    ) -> Any:
+        """`Trainer.train`; on resume the gates' linear-unit masks and budget controller come back too
+        (``FileNotFoundError`` first if the checkpoint has no ``linearize_state.pt``)."""
+        checkpoint = resume_from_checkpoint or None
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer.train raises its own error
+        self.linearize_callback.resume_state = _load_state(checkpoint) if checkpoint is not None else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
+        """The Trainer's loss plus, in training mode, the prior term (see the module docstring for its scaling).
+        Evaluation losses are the task loss alone."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        prior = self.linearize_callback.prior_loss(self.state.global_step)
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            prior = prior / self.current_gradient_accumulation_steps
+        loss = loss + prior
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Optional[Union[torch.Tensor, int]]) -> bool:
+        """Whether `Trainer.training_step` leaves this loss undivided by the micro-batch count (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the gates moved into their own group (``gate_lr`` or the model's learning
+        rate, no weight decay). An optimizer passed to the Trainer is used as it is."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if created:
+            gates = [gate.alpha for _, gate in gated_modules(model if model is not None else self.model)]
+            lr = self.linearize_config.gate_lr if self.linearize_config.gate_lr is not None else self.args.learning_rate
+            move_gates_to_own_group(optimizer, gates, lr)
+        return optimizer
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Add the ``linearize/*`` metrics to training logs (those with ``loss``) and to the end-of-training
+        summary (``train_loss``), so the Trainer's log history and every tracker get them."""
+        if "loss" in logs:
+            logs.update(self.linearize_callback.window_metrics(logs["loss"]))
+        elif "train_loss" in logs:
+            logs.update(self.linearize_callback.run_metrics(logs["train_loss"]))
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.linearize_callback.state_dict(), folder / LINEARIZE_STATE_NAME)
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write the linearized checkpoint format (weights with gates, ``linearize_config.json``, model card,
+        tokenizer) plus ``training_args.bin``. Sharded backends (a gathered ``state_dict`` is passed) and models
+        `hf_linearize.hub` cannot save keep the Trainer's own format."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict is not None or self.is_distributed_loading_by_transformers or not _saves_linearized_format(model):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        hub.save_pretrained(model, output_dir, tokenizer=tokenizer)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
+class LinearizeTrainer(LinearizeMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` with the linearization prior (see the module docstring)."""
+
+
+class LinearizePlainTrainer(LinearizeMixin, Trainer):
+    """`transformers.Trainer` with the linearization prior, for encoders, classifiers and timm models."""

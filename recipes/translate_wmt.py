@@ -1,0 +1,229 @@
+"""Train or fine-tune a translation Transformer with linearization gates; report BLEU next to the surviving nonlinearity.
+
+    accelerate launch recipes/translate_wmt.py --config recipes/configs/demo.yaml [--flag value ...]
+
+Outputs in ``output_dir``: the linearized checkpoint (``final/``), ``results.json``, ``plots/*.png``,
+``translations/{validation,test}.txt`` and the model card (``final/README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, MarianConfig, MarianMTModel,
+                          PreTrainedTokenizerFast, Seq2SeqTrainingArguments, set_seed)
+
+import hf_linearize as hl
+from hf_linearize.arguments import load_yaml, parse_with_config
+from hf_linearize.training_plots import plot_training_curves
+from hf_linearize.translation.data import filter_pairs, load_hub, load_jsonl, load_moses, load_synthetic
+from hf_linearize.translation.metrics import translation_scores
+from hf_linearize.translation.tokenizer import train_shared_tokenizer
+
+logger = logging.getLogger("translate_wmt")
+PRESETS = Path(__file__).resolve().parent / "configs" / "presets"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained seq2seq checkpoint (late)"})
+    preset: Optional[str] = field(default=None, metadata={"help": "from scratch: transformer-tiny|small|base"})
+    tokenizer_model: str = field(default="unigram", metadata={"help": "from scratch: unigram or bpe"})
+    vocab_size: int = field(default=8000, metadata={"help": "from scratch: shared vocabulary size"})
+    source_prefix: str = field(default="", metadata={"help": "e.g. 'translate English to German: ' for T5"})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(default="wmt16", metadata={"help": "Hub dataset, or 'synthetic'"})
+    dataset_config_name: Optional[str] = "de-en"
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Moses-style {split}.{lang}[.gz] files"})
+    test_split: Optional[str] = field(default=None, metadata={"help": "file prefix used as test, e.g. test_2016_flickr"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "JSON lines"})
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    source_lang: str = "en"
+    target_lang: str = "de"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    synthetic_train_size: int = 20000
+    synthetic_eval_size: int = 500
+    max_words: int = field(default=100, metadata={"help": "drop training pairs with a longer side"})
+    max_source_length: int = 128
+    max_target_length: int = 128
+
+
+@dataclass
+class LinearizeArguments:
+    prior_lambda: float = 0.0
+    prior_start: str = field(default="0", metadata={"help": "int step or float fraction of training"})
+    prior_warmup: str = "0"
+    freeze_gates_after: Optional[str] = None
+    gate_lr: Optional[float] = None
+    gate_init: float = 0.0
+    linear_threshold: float = 1e-3
+    budget_target: Optional[float] = None
+    budget_metric: str = "nonlinear_fraction"
+
+    def to_config(self) -> hl.LinearizeConfig:
+        def position(value: Any) -> Any:
+            if value is None or isinstance(value, (int, float)):
+                return value
+            return float(value) if any(c in str(value) for c in ".eE") else int(value)
+
+        values = asdict(self)
+        for key in ("prior_start", "prior_warmup", "freeze_gates_after"):
+            values[key] = position(values[key])
+        return hl.LinearizeConfig(**values)
+
+
+@dataclass
+class EvalArguments:
+    num_beams: int = 4
+    max_new_tokens: int = field(default=200, metadata={"help": "generation limit; hits are reported"})
+    eval_before_training: bool = field(default=True, metadata={"help": "score a pretrained model before training"})
+
+
+def load_corpus(data: DataArguments) -> datasets.DatasetDict:
+    if data.data_dir:
+        corpus = load_moses(data.data_dir, data.source_lang, data.target_lang, data.test_split)
+    elif data.train_file:
+        files = {s: f for s, f in (("train", data.train_file), ("validation", data.validation_file),
+                                   ("test", data.test_file)) if f}
+        corpus = load_jsonl(files, data.source_lang, data.target_lang)
+    elif data.dataset_name == "synthetic":
+        corpus = load_synthetic(data.synthetic_train_size, data.synthetic_eval_size)
+    else:
+        corpus = load_hub(data.dataset_name, data.dataset_config_name, data.source_lang, data.target_lang)
+    train, dropped = filter_pairs(datasets.DatasetDict(train=corpus["train"]), data.max_words)
+    logger.info("Dropped %d of %d training pairs (empty, or a side over %d words).", dropped["train"],
+                len(corpus["train"]), data.max_words)
+    corpus["train"] = train["train"]
+    for split, limit in (("train", data.max_train_samples), ("validation", data.max_eval_samples),
+                         ("test", data.max_eval_samples)):
+        if limit is not None and split in corpus:
+            corpus[split] = corpus[split].select(range(min(limit, len(corpus[split]))))
+    return corpus
+
+
+def build_model(args: ModelArguments, corpus: datasets.DatasetDict, training: Seq2SeqTrainingArguments):
+    """A pretrained checkpoint, or a preset Marian-style model with a tokenizer trained on the training data."""
+    if args.model_name_or_path:
+        return (AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path),
+                AutoTokenizer.from_pretrained(args.model_name_or_path))
+    if not args.preset:
+        raise ValueError("Give --model_name_or_path (pretrained) or --preset (from scratch, e.g. transformer-small).")
+    preset = PRESETS / f"{args.preset}.yaml"
+    if not preset.is_file():
+        raise ValueError(f"Unknown preset {args.preset!r}; available: {sorted(p.stem for p in PRESETS.glob('*.yaml'))}.")
+    tokenizer_dir = Path(training.output_dir) / "tokenizer"
+    with training.main_process_first(desc="train tokenizer"):
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            texts = (text for pair in zip(corpus["train"]["source"], corpus["train"]["target"]) for text in pair)
+            train_shared_tokenizer(texts, args.vocab_size, args.tokenizer_model).save_pretrained(tokenizer_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    config = MarianConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          forced_eos_token_id=tokenizer.eos_token_id, **load_yaml(preset))
+    return MarianMTModel(config), tokenizer
+
+
+def tokenize(corpus: datasets.DatasetDict, tokenizer, model_args: ModelArguments, data: DataArguments,
+             training: Seq2SeqTrainingArguments) -> datasets.DatasetDict:
+    def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
+        return tokenizer([model_args.source_prefix + s for s in batch["source"]], text_target=batch["target"],
+                         max_length=data.max_source_length, truncation=True)
+
+    with training.main_process_first(desc="tokenize"):
+        return corpus.map(encode, batched=True, remove_columns=["source", "target"], desc="Tokenizing")
+
+
+def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer,
+              evaluation: EvalArguments) -> tuple[list[str], int]:
+    """Beam-search translations of ``dataset`` (all ranks take part and get all outputs), and how many of them
+    stopped at ``max_new_tokens`` instead of at end-of-sentence."""
+    output = trainer.predict(dataset, num_beams=evaluation.num_beams, max_new_tokens=evaluation.max_new_tokens)
+    # Under DDP, even batches repeat samples from the start of the dataset at the end; drop them.
+    ids = torch.as_tensor(output.predictions)[: len(dataset)]
+    ids = torch.where(ids < 0, tokenizer.pad_token_id, ids)
+    lengths = (ids != tokenizer.pad_token_id).sum(dim=1)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), int((lengths >= evaluation.max_new_tokens).sum())
+
+
+def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Path]) -> dict[str, dict[str, Any]]:
+    """BLEU/chrF of validation and test; writes translations to ``out_dir`` when given."""
+    results = {}
+    for split in ("validation", "test"):
+        if split not in corpus:
+            continue
+        hypotheses, truncated = translate(trainer, encoded[split], tokenizer, evaluation)
+        results[split] = {**translation_scores(hypotheses, corpus[split]["target"]), "hit_max_new_tokens": truncated}
+        if out_dir is not None and trainer.is_world_process_zero():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{split}.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+        logger.info("%s: BLEU %.2f chrF %.2f", split, results[split]["bleu"], results[split]["chrf"])
+    return results
+
+
+def main() -> None:
+    model_args, data_args, lin_args, eval_args, training = parse_with_config(
+        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, Seq2SeqTrainingArguments))
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        level=logging.INFO if training.should_log else logging.WARNING)
+    set_seed(training.seed)
+    linearize_config = lin_args.to_config()
+    corpus = load_corpus(data_args)
+    model, tokenizer = build_model(model_args, corpus, training)
+    hl.patch_model(model, linearize_config)
+    encoded = tokenize(corpus, tokenizer, model_args, data_args, training)
+    trainer = hl.LinearizeTrainer(
+        model=model, args=training, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer)
+
+    output_dir = Path(training.output_dir)
+    results: dict[str, Any] = {"settings": {"model": asdict(model_args), "data": asdict(data_args),
+                                            "linearize": linearize_config.to_dict(), "eval": asdict(eval_args),
+                                            "world_size": training.world_size, "seed": training.seed}}
+    if model_args.model_name_or_path and eval_args.eval_before_training:
+        results["before_training"] = {"scores": score(trainer, corpus, encoded, tokenizer, eval_args, None),
+                                      "path_length": hl.path_length_report(model)}
+    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
+    report = hl.path_length_report(model)
+    results.update(scores=scores, path_length=report, summary=dict(hl.summary(model)),
+                   train={"loss": train_result.training_loss, "steps": trainer.state.global_step,
+                          "epochs": trainer.state.epoch, "runtime_s": train_result.metrics.get("train_runtime")},
+                   log_history=trainer.state.log_history)
+    headline = scores.get("test") or scores.get("validation") or {}
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        final_model = trainer.accelerator.unwrap_model(model)
+        card = dict(metrics={k: headline[k] for k in ("bleu", "chrf") if k in headline},
+                    dataset=data_args.dataset_name if not data_args.data_dir else Path(data_args.data_dir).name,
+                    language=[data_args.source_lang, data_args.target_lang],
+                    base_model=model_args.model_name_or_path, model_name=output_dir.name)
+        if training.push_to_hub:  # saves output_dir/final, then uploads it with its card
+            hl.push_to_hub(final_model, training.hub_model_id or output_dir.name, save_directory=output_dir / "final",
+                           token=training.hub_token, private=training.hub_private_repo, tokenizer=tokenizer, **card)
+        else:
+            hl.save_pretrained(final_model, output_dir / "final", tokenizer=tokenizer, **card)
+        plots = output_dir / "plots"
+        plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
+        hl.plot_core_map(report, plots / "core_map.png")
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"\nBLEU {headline.get('bleu', math.nan):.2f}  chrF {headline.get('chrf', math.nan):.2f}  "
+              f"normalized APL {report['normalized_apl']:.3f} of {report['depth']['normalized']:.3f}  "
+              f"nonlinear fraction {results['summary']['total']['nonlinear_fraction']:.3f}\n"
+              f"outputs in {output_dir}")
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""recipes/translate_wmt.py end to end: single process, two gloo processes under accelerate launch, offline data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from conftest import MULTI30K
+from huggingface_hub import ModelCard
+
+import hf_linearize as hl
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "translate_wmt.py"
+DEMO = ROOT / "recipes" / "configs" / "demo.yaml"
+ACCELERATE_2_PROCS = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+
+
+def _run(command: list[str], **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   **env}
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+
+
+def _check_outputs(out: Path, references: list[str]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    test = results["scores"]["test"]
+    hypotheses = (out / "translations" / "test.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hypotheses) == len(references)
+    assert test["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert test["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+    assert test["mean_reference_words"] > 0 and "validation" in results["scores"]
+    model = hl.from_pretrained(out / "final")
+    report = results["path_length"]
+    assert report["normalized_apl"] == pytest.approx(hl.average_path_length(model))
+    assert results["summary"]["total"] == hl.summary(model)["total"]
+    assert any("linearize/nonlinear_fraction" in entry for entry in results["log_history"])
+    for png in ("training_curves.png", "core_map.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    card = ModelCard.load(out / "final" / "README.md")
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["bleu"] == pytest.approx(test["bleu"])
+    assert (out / "final" / "tokenizer.json").is_file()
+    return results
+
+
+def test_single_process_synthetic(tmp_path):
+    out = tmp_path / "demo"
+    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+                 "--synthetic_train_size", "400", "--synthetic_eval_size", "16", "--max_steps", "12",
+                 "--logging_steps", "4", "--prior_start", "0.25", "--prior_warmup", "0", "--prior_lambda", "50",
+                 "--warmup_steps", "0", "--gate_lr", "1.0"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    from hf_linearize.translation.data import load_synthetic
+
+    results = _check_outputs(out, load_synthetic(400, 16)["test"]["target"])
+    assert results["summary"]["total"]["linear"] > 0, "a strong late prior linearizes units"
+    assert results["settings"]["linearize"]["prior_start"] == 0.25 and results["train"]["steps"] == 12
+    assert "BLEU" in done.stdout and "normalized APL" in done.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_multi30k(tmp_path):
+    out = tmp_path / "multi30k"
+    done = _run([*ACCELERATE_2_PROCS, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+                 "--dataset_name", "multi30k", "--data_dir", str(MULTI30K), "--test_split", "test_2016_flickr",
+                 "--max_train_samples", "1500", "--max_eval_samples", "24", "--vocab_size", "1000",
+                 "--max_steps", "20", "--per_device_train_batch_size", "16", "--logging_steps", "5",
+                 "--prior_lambda", "20", "--prior_start", "10", "--average_tokens_across_devices", "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    with gzip.open(MULTI30K / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as fh:
+        references = [line.rstrip("\n") for line in fh][:24]
+    results = _check_outputs(out, references)
+    assert results["settings"]["world_size"] == 2 and results["train"]["steps"] == 20
+
+
+def test_offline_hub_dataset_fails_fast(tmp_path):
+    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(tmp_path),
+                 "--dataset_name", "wmt16", "--dataset_config_name", "de-en"])
+    assert done.returncode != 0
+    assert "Cannot download dataset 'wmt16'" in done.stderr and "--data_dir" in done.stderr
