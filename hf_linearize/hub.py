@@ -50,15 +50,23 @@ class HubPushError(RuntimeError):
     """Pushing failed; the message names the local directory where the checkpoint is safely saved."""
 
 
-def _backend(model: nn.Module) -> str:
+def backend(model: nn.Module) -> Optional[str]:
+    """``"transformers"`` or ``"timm"`` for models this module can save, else None."""
     if isinstance(model, transformers.PreTrainedModel):
         return "transformers"
     if type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg"):
         return "timm"
-    raise TypeError(
-        f"Saving supports transformers and timm models; got {type(model).__name__}. Save its state_dict with "
-        "torch.save instead."
-    )
+    return None
+
+
+def _require_backend(model: nn.Module) -> str:
+    name = backend(model)
+    if name is None:
+        raise TypeError(
+            f"Saving supports transformers and timm models; got {type(model).__name__}. Save its state_dict with "
+            "torch.save instead."
+        )
+    return name
 
 
 def _path_length(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -79,7 +87,7 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "backend": _backend(model),
+        "backend": _require_backend(model),
         "family": state.family,
         "linearize_config": state.config.to_dict(),
         "sites": {name: gate.channels for name, gate in gated_modules(model)},

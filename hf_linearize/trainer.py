@@ -258,14 +258,6 @@ def move_gates_to_own_group(optimizer: torch.optim.Optimizer, gates: list[nn.Par
     optimizer.add_param_group({"params": list(gates), "lr": lr, "weight_decay": 0.0})
 
 
-def _saves_linearized_format(model: nn.Module) -> bool:
-    try:
-        hub._backend(model)
-    except TypeError:
-        return False
-    return True
-
-
 class LinearizeMixin:
     """Adds the linearization prior to a `transformers.Trainer` class: ``class T(LinearizeMixin, Trainer)``.
 
@@ -373,7 +365,7 @@ class LinearizeMixin:
         tokenizer) plus ``training_args.bin``. Sharded backends (a gathered ``state_dict`` is passed) and models
         `hf_linearize.hub` cannot save keep the Trainer's own format."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if state_dict is not None or self.is_distributed_loading_by_transformers or not _saves_linearized_format(model):
+        if state_dict is not None or self.is_distributed_loading_by_transformers or hub.backend(model) is None:
             super()._save(output_dir, state_dict=state_dict)
             return
         if not self.args.should_save:
