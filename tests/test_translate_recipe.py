@@ -65,6 +65,31 @@ def test_single_process_synthetic(tmp_path):
     assert "BLEU" in done.stdout and "normalized APL" in done.stdout
 
 
+def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
+    """The late setting: a local pretrained seq2seq checkpoint (tokenizer included) is scored, then fine-tuned."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from hf_linearize.translation.synthetic import synthetic_pairs
+    from hf_linearize.translation.tokenizer import train_shared_tokenizer
+
+    tokenizer = train_shared_tokenizer((t for p in synthetic_pairs(300) for t in p), vocab_size=150)
+    MarianMTModel(MarianConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                               decoder_ffn_dim=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                  ).save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    out = tmp_path / "late"
+    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+                 "--model_name_or_path", str(tmp_path / "pretrained"), "--synthetic_train_size", "64",
+                 "--synthetic_eval_size", "8", "--max_steps", "2", "--max_new_tokens", "8", "--num_beams", "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    before = results["before_training"]
+    assert set(before["scores"]) == {"validation", "test"}
+    assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
+    assert ModelCard.load(out / "final" / "README.md").data.base_model == str(tmp_path / "pretrained")
+
+
 @pytest.mark.slow
 def test_two_processes_multi30k(tmp_path):
     out = tmp_path / "multi30k"
