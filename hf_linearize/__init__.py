@@ -2,13 +2,32 @@
 
 __version__ = "0.1.0"
 
-from .config import LinearizeConfig  # noqa: E402
-from .core_map import average_path_length, model_graph, path_length_report, plot_core_map, save_report_json  # noqa: E402
-from .gates import GatedActivation, SharedGatedActivation  # noqa: E402
-from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
-from .path_length import PathGraph  # noqa: E402
-from .trainer import LinearizeCallback, LinearizeMixin, LinearizePlainTrainer, LinearizeTrainer  # noqa: E402
-from .patching import GateSummary, gated_modules, is_patched, patch_model, set_linear, summary, unpatch  # noqa: E402
+from .config import LinearizeConfig
+from .core_map import (
+    average_path_length,
+    model_graph,
+    path_length_report,
+    plot_core_map,
+    save_report_json,
+)
+from .gates import GatedActivation, SharedGatedActivation
+from .hub import from_pretrained, push_to_hub, save_pretrained
+from .patching import (
+    GateSummary,
+    gated_modules,
+    is_patched,
+    patch_model,
+    set_linear,
+    summary,
+    unpatch,
+)
+from .path_length import PathGraph
+from .trainer import (
+    LinearizeCallback,
+    LinearizeMixin,
+    LinearizePlainTrainer,
+    LinearizeTrainer,
+)
 
 __all__ = [
     "GateSummary",

@@ -134,7 +134,7 @@ class LinearizeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LinearizeConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LinearizeConfig:
         """Build from a dict; unknown keys raise so that a typo is never silently ignored."""
         if not isinstance(data, dict):
             raise ValueError(f"LinearizeConfig.from_dict expects a dict; got {type(data).__name__}.")
@@ -148,7 +148,7 @@ class LinearizeConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_string(cls, text: str) -> "LinearizeConfig":
+    def from_json_string(cls, text: str) -> LinearizeConfig:
         return cls.from_dict(json.loads(text))
 
     def to_json_file(self, path: Union[str, os.PathLike]) -> None:
@@ -156,6 +156,6 @@ class LinearizeConfig:
             fh.write(self.to_json_string() + "\n")
 
     @classmethod
-    def from_json_file(cls, path: Union[str, os.PathLike]) -> "LinearizeConfig":
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> LinearizeConfig:
         with open(path, encoding="utf-8") as fh:
             return cls.from_json_string(fh.read())

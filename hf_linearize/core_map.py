@@ -20,8 +20,8 @@ from torch import nn
 
 from .families import FAMILIES, find_family
 from .graphs import Sites
-from .path_length import PathGraph, apl, node_contributions
 from .patching import gated_modules, patch_state
+from .path_length import PathGraph, apl, node_contributions
 
 PathLike = Union[str, os.PathLike]
 

@@ -95,8 +95,8 @@ class Residual:
     """A fork into the chained ``branch`` and ``skip`` (identity when empty), merged by a map node ``name``."""
 
     name: str
-    branch: tuple["Step", ...]
-    skip: tuple["Step", ...] = ()
+    branch: tuple[Step, ...]
+    skip: tuple[Step, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.branch:

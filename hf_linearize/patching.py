@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from .config import LinearizeConfig, Pattern
-from .families import ACTIVATION_TYPES, FamilySpec, find_family, glu_kind, is_activation_like
+from .families import (
+    ACTIVATION_TYPES,
+    FamilySpec,
+    find_family,
+    glu_kind,
+    is_activation_like,
+)
 from .gates import GatedActivation, SharedGatedActivation
 
 STATE_ATTR = "_hf_linearize"

@@ -274,10 +274,10 @@ class PriorSchedule:
             raise ValueError(f"PriorSchedule.lam must be a finite number >= 0; got {self.lam!r}.")
 
     @classmethod
-    def from_config(cls, config: "LinearizeConfig") -> "PriorSchedule":
+    def from_config(cls, config: LinearizeConfig) -> PriorSchedule:
         return cls(config.prior_start, config.prior_warmup, config.freeze_gates_after, config.prior_lambda)
 
-    def resolve(self, total_steps: Optional[int]) -> "PriorSchedule":
+    def resolve(self, total_steps: Optional[int]) -> PriorSchedule:
         """A copy with every position as an int step. A float 0.0 needs no ``total_steps``; any other
         fraction with ``total_steps=None`` raises ``ValueError``."""
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
@@ -413,7 +413,7 @@ class BudgetController:
         return self.lam
 
     @classmethod
-    def from_config(cls, config: "LinearizeConfig") -> "BudgetController":
+    def from_config(cls, config: LinearizeConfig) -> BudgetController:
         """The controller of ``config.budget_target``: starts at ``prior_lambda`` (0 = 1.0) with ``budget_gain``,
         ``budget_tolerance`` and ``budget_scale`` (None = 0.05 for a nonlinear fraction, else 5% of the first
         measurement)."""
@@ -485,10 +485,10 @@ class GateRegularizer:
     def from_config(
         cls,
         alphas: Alphas,
-        config: "LinearizeConfig",
+        config: LinearizeConfig,
         total_steps: Optional[int] = None,
         measure: Optional[Callable[[], float]] = None,
-    ) -> "GateRegularizer":
+    ) -> GateRegularizer:
         """Build from a `LinearizeConfig`; ``total_steps`` resolves fractional schedule positions."""
         controller = None if config.budget_target is None else BudgetController.from_config(config)
         return cls(alphas, PriorSchedule.from_config(config).resolve(total_steps), config.linear_threshold,

@@ -50,17 +50,24 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Seq2SeqTrainer,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from . import hub
 from .config import LinearizeConfig
-from .families import family_by_name
 from .core_map import model_graph
-from .path_length import apl
+from .families import family_by_name
 from .patching import gated_modules, patch_state
+from .path_length import apl
 from .sparsity import GateRegularizer, gate_stats
 
 __all__ = [

@@ -17,13 +17,27 @@ from typing import Any, Optional
 
 import datasets
 import torch
-from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, MarianConfig, MarianMTModel,
-                          PreTrainedTokenizerFast, Seq2SeqTrainingArguments, set_seed)
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+    Seq2SeqTrainingArguments,
+    set_seed,
+)
 
 import hf_linearize as hl
 from hf_linearize.arguments import load_yaml, parse_with_config
 from hf_linearize.training_plots import plot_training_curves
-from hf_linearize.translation.data import filter_pairs, load_hub, load_jsonl, load_moses, load_synthetic
+from hf_linearize.translation.data import (
+    filter_pairs,
+    load_hub,
+    load_jsonl,
+    load_moses,
+    load_synthetic,
+)
 from hf_linearize.translation.metrics import translation_scores
 from hf_linearize.translation.tokenizer import train_shared_tokenizer
 

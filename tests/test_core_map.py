@@ -12,7 +12,12 @@ from matplotlib.image import imread
 
 import hf_linearize as hl
 from hf_linearize.core_map import (
-    _short_labels, average_path_length, path_length_report, plot_core_map, save_report_json)
+    _short_labels,
+    average_path_length,
+    path_length_report,
+    plot_core_map,
+    save_report_json,
+)
 
 
 def patched(case: str):

@@ -14,7 +14,11 @@ from hub_server import LocalHub, hub_env
 from huggingface_hub import ModelCard, create_repo, upload_folder
 
 import hf_linearize as hl
-from hf_linearize.hub import LINEARIZE_CONFIG_NAME, HubPushError, LinearizedCheckpointError
+from hf_linearize.hub import (
+    LINEARIZE_CONFIG_NAME,
+    HubPushError,
+    LinearizedCheckpointError,
+)
 
 
 @pytest.fixture

@@ -9,7 +9,13 @@ import pytest
 import sacrebleu
 from conftest import MULTI30K
 
-from hf_linearize.translation.data import filter_pairs, load_hub, load_jsonl, load_moses, load_synthetic
+from hf_linearize.translation.data import (
+    filter_pairs,
+    load_hub,
+    load_jsonl,
+    load_moses,
+    load_synthetic,
+)
 from hf_linearize.translation.metrics import translation_scores
 from hf_linearize.translation.synthetic import synthetic_pairs
 from hf_linearize.translation.tokenizer import train_shared_tokenizer
