@@ -29,16 +29,18 @@ def _check_pattern(name: str, value: Pattern) -> None:
     )
 
 
-def _check_schedule(name: str, value: Schedule, allow_none: bool) -> None:
+def check_schedule(owner: str, name: str, value: Schedule, allow_none: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is a training position: an int step >= 0 or a float in [0, 1]
+    (or None when ``allow_none``). ``owner.name`` names the field in the message."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"LinearizeConfig.{name} must be an int step or a float fraction in [0, 1]; got {value!r}.")
+        raise ValueError(f"{owner}.{name} must be an int step or a float fraction in [0, 1]; got {value!r}.")
     if isinstance(value, int) and value < 0:
-        raise ValueError(f"LinearizeConfig.{name}={value} is a negative step; use a step >= 0.")
+        raise ValueError(f"{owner}.{name}={value} is a negative step; use a step >= 0.")
     if isinstance(value, float) and not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"LinearizeConfig.{name}={value} is a float outside [0, 1]; a float is a fraction of training, "
+            f"{owner}.{name}={value} is a float outside [0, 1]; a float is a fraction of training, "
             "write an int for a step number."
         )
 
@@ -108,9 +110,9 @@ class LinearizeConfig:
         _check_range("gate_init", self.gate_init, 0.0, 1.0)
         _check_range("linear_threshold", self.linear_threshold, 0.0, 0.5, low_open=True)
         _check_range("prior_lambda", self.prior_lambda, 0.0, float("inf"))
-        _check_schedule("prior_start", self.prior_start, allow_none=False)
-        _check_schedule("prior_warmup", self.prior_warmup, allow_none=False)
-        _check_schedule("freeze_gates_after", self.freeze_gates_after, allow_none=True)
+        check_schedule("LinearizeConfig", "prior_start", self.prior_start, allow_none=False)
+        check_schedule("LinearizeConfig", "prior_warmup", self.prior_warmup, allow_none=False)
+        check_schedule("LinearizeConfig", "freeze_gates_after", self.freeze_gates_after, allow_none=True)
         if not isinstance(self.freeze_linear, bool):
             raise ValueError(f"LinearizeConfig.freeze_linear must be a bool; got {self.freeze_linear!r}.")
         if self.gate_lr is not None:

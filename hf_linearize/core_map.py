@@ -20,17 +20,16 @@ from torch import nn
 
 from .families import FAMILIES, find_family
 from .graphs import Sites
-from .patching import gated_modules, patch_state
+from .patching import summary
 from .path_length import PathGraph, apl, node_contributions
 
 PathLike = Union[str, os.PathLike]
 
 
 def unit_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Per gated site of a patched model: ``(units, nonlinear units)``; a unit is nonlinear while its gate is
-    below ``1 - linear_threshold`` (the rule of :func:`~hf_linearize.patching.summary`)."""
-    limit = 1.0 - patch_state(model).config.linear_threshold
-    return {name: (gate.channels, int((gate.alpha.detach() < limit).sum())) for name, gate in gated_modules(model)}
+    """Per gated site of a patched model: ``(units, nonlinear units)``, by the rule of
+    :func:`~hf_linearize.patching.summary`."""
+    return {name: (layer["units"], layer["nonlinear"]) for name, layer in summary(model)["layers"].items()}
 
 
 def _check_cost(ungated_cost: float) -> float:

@@ -25,12 +25,11 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import LinearizeConfig
+from .config import LinearizeConfig, check_schedule
 
 __all__ = [
     "BudgetController",
@@ -240,17 +239,6 @@ class LinearUnitTracker:
         self.masks = [s.to(device=m.device, dtype=torch.bool).clone() for s, m in zip(masks, self.masks)]
 
 
-def _check_position(name: str, value: Position, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"PriorSchedule.{name} must be an int step or a float fraction in [0, 1]; got {value!r}.")
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"PriorSchedule.{name}={value} is a negative step.")
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError(f"PriorSchedule.{name}={value} is a float outside [0, 1] (a fraction of training).")
-
-
 @dataclass(frozen=True)
 class PriorSchedule:
     """When the prior acts and how strongly. Positions: int = optimizer step, float in [0, 1] = fraction
@@ -267,9 +255,9 @@ class PriorSchedule:
     lam: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_position("start", self.start, allow_none=False)
-        _check_position("warmup", self.warmup, allow_none=False)
-        _check_position("freeze_after", self.freeze_after, allow_none=True)
+        check_schedule("PriorSchedule", "start", self.start, allow_none=False)
+        check_schedule("PriorSchedule", "warmup", self.warmup, allow_none=False)
+        check_schedule("PriorSchedule", "freeze_after", self.freeze_after, allow_none=True)
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam < math.inf:
             raise ValueError(f"PriorSchedule.lam must be a finite number >= 0; got {self.lam!r}.")
 
