@@ -1,7 +1,8 @@
 """Overhead of the gates: a patched model with every gate at 0 versus the same model unpatched, on CPU.
 
-Model: a transformer-small Marian (d_model 512, 6 + 6 layers, 8 heads, FFN 2048, swish, the 58101-token
-vocabulary of opus-mt-en-de), randomly initialised; both copies share the same weights.
+Model: a Marian shaped like Helsinki-NLP/opus-mt-en-de, i.e. with Transformer-base dimensions (d_model 512,
+6 + 6 layers, 8 heads, FFN 2048; swish and the 58101-token vocabulary of opus-mt-en-de), randomly initialised;
+both copies share the same weights. (The recipe's ``transformer-small`` preset is smaller: d_model 256, 3 + 3.)
 Batch: 16 sentence pairs of 32 source and 32 target token ids.
 
 * training step: ``model.train()``, forward with labels, backward, ``AdamW.step()`` (lr 0, so both copies
@@ -34,7 +35,8 @@ TARGETS = {"training step": 1.05, "inference": 1.03}
 BATCH, SOURCE_LEN, TARGET_LEN = 16, 32, 32
 
 
-def marian_small() -> tf.MarianMTModel:
+def marian_opus_mt_shape() -> tf.MarianMTModel:
+    """A randomly initialised Marian with opus-mt-en-de's dimensions (Transformer base, swish)."""
     config = tf.MarianConfig(
         vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
         decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, activation_function="swish",
@@ -95,11 +97,12 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    base = marian_small()
+    base = marian_opus_mt_shape()
     patched = hl.patch_model(copy.deepcopy(base))
     inputs = batch(base.config.vocab_size)
     summary = hl.summary(patched)["total"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Marian d_model=512, 6+6 layers, FFN 2048, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Marian shaped like opus-mt-en-de "
+          "(Transformer base: d_model=512, 6+6 layers, FFN 2048), "
           f"vocab {base.config.vocab_size}; batch {BATCH} x ({SOURCE_LEN} source, {TARGET_LEN} target) tokens")
     print(f"patched: {len(list(hl.gated_modules(patched)))} gated sites, {summary['units']} units, all gates 0")
     print(f"{args.reps} interleaved repetitions after {args.warmup} warm-up\n")

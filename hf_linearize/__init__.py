@@ -10,8 +10,9 @@ from .core_map import (
     plot_core_map,
     save_report_json,
 )
+from .folding import FoldReport, fold, fold_report
 from .gates import GatedActivation, SharedGatedActivation
-from .hub import from_pretrained, push_to_hub, save_pretrained
+from .hub import HubPushError, LinearizedCheckpointError, from_pretrained, push_to_hub, save_pretrained
 from .patching import (
     GateSummary,
     gated_modules,
@@ -30,16 +31,21 @@ from .trainer import (
 )
 
 __all__ = [
+    "FoldReport",
     "GateSummary",
     "GatedActivation",
+    "HubPushError",
     "LinearizeCallback",
     "LinearizeConfig",
     "LinearizeMixin",
     "LinearizePlainTrainer",
     "LinearizeTrainer",
+    "LinearizedCheckpointError",
     "PathGraph",
     "SharedGatedActivation",
     "average_path_length",
+    "fold",
+    "fold_report",
     "from_pretrained",
     "gated_modules",
     "is_patched",

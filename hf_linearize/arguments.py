@@ -1,14 +1,20 @@
-"""Recipe arguments: ``HfArgumentParser`` dataclasses filled from a YAML config, overridden by the command line."""
+"""Recipe arguments: ``HfArgumentParser`` dataclasses filled from a YAML config, overridden by the command line.
+
+`LinearizeArguments` is generated from `LinearizeConfig`'s fields, so every setting is a recipe flag (and a YAML
+key) with the same name, default and help text, and the two can never drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
+
+from .config import LinearizeConfig, Pattern, Schedule
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -44,3 +50,109 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
             if action.dest in values:
                 action.required = False
     return parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+
+
+def parse_position(text: str) -> Schedule:
+    """A training position from its text: ``"100"`` -> step 100, ``"0.5"`` -> fraction 0.5, ``"none"`` -> None."""
+    word = text.strip()
+    if word.lower() in ("none", "null", "~", ""):
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        pass
+    try:
+        return float(word)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a training position: write an int step (e.g. 100) or a float fraction "
+                         "of training (e.g. 0.5).") from None
+
+
+def parse_pattern(text: str) -> Pattern:
+    """A module selector from its text, read as YAML: a list (``"[fc1, mlp.act]"``) is a list of name suffixes,
+    ``"none"``/``"null"`` is None, anything else is the regex itself (``".*decoder.*"``)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, list):
+        return value
+    return text
+
+
+def parse_mapping(text: str) -> dict[str, Any]:
+    """A mapping from its text, read as YAML or JSON (``"{run: a, seed: 1}"``); ``"none"`` or empty -> ``{}``."""
+    value = None if text.strip().lower() == "none" else yaml.safe_load(text)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{text!r} is not a mapping; write it as YAML or JSON, e.g. '{{run: a, seed: 1}}'.")
+    return value
+
+
+_FROM_TEXT: dict[Any, Callable[[str], Any]] = {
+    Pattern: parse_pattern,
+    Schedule: parse_position,
+    dict[str, Any]: parse_mapping,
+}
+"""`LinearizeConfig` field types that a flag carries as text, and how that text becomes the field's value."""
+_CONFIG_TYPES = get_type_hints(LinearizeConfig)
+"""`LinearizeConfig`'s field types, resolved."""
+_AS_IS = (bool, int, float, str, Optional[int], Optional[float], Optional[str])
+"""`LinearizeConfig` field types that `HfArgumentParser` parses itself."""
+
+
+def _argument_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """One ``(name, type, field)`` per `LinearizeConfig` field, with its default and help (``%`` escaped for
+    argparse); raises ``TypeError`` for a field type that no flag can carry, so a new field cannot be forgotten."""
+    specs = []
+    for config_field in dataclasses.fields(LinearizeConfig):
+        hint = _CONFIG_TYPES[config_field.name]
+        if hint in _FROM_TEXT:
+            flag_type: Any = Optional[str]
+        elif hint in _AS_IS:
+            flag_type = hint
+        else:
+            raise TypeError(f"LinearizeConfig.{config_field.name} has type {hint}, which no recipe flag can carry; "
+                            "add a parser for it to hf_linearize.arguments._FROM_TEXT.")
+        metadata = {"help": config_field.metadata.get("help", "").replace("%", "%%")}
+        if config_field.default_factory is not dataclasses.MISSING:
+            spec = dataclasses.field(default_factory=config_field.default_factory, metadata=metadata)
+        else:
+            spec = dataclasses.field(default=config_field.default, metadata=metadata)
+        specs.append((config_field.name, flag_type, spec))
+    return specs
+
+
+def _values_from_text(self) -> None:
+    """Turn the text of schedule, module-selector and mapping flags into the values `LinearizeConfig` takes
+    (YAML values that already have the right type are kept), then validate them."""
+    for name, hint in _CONFIG_TYPES.items():
+        value = getattr(self, name)
+        if hint in _FROM_TEXT and isinstance(value, str):
+            try:
+                setattr(self, name, _FROM_TEXT[hint](value))
+            except ValueError as error:
+                raise ValueError(f"--{name}: {error}") from None
+    self.to_config()
+
+
+def _to_config(self) -> LinearizeConfig:
+    """The validated `LinearizeConfig` of these arguments."""
+    return LinearizeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+LinearizeArguments = dataclasses.make_dataclass(
+    "LinearizeArguments",
+    _argument_fields(),
+    namespace={"__post_init__": _values_from_text, "to_config": _to_config},
+)
+LinearizeArguments.__module__ = __name__
+LinearizeArguments.__doc__ = (
+    "Recipe flags for every `LinearizeConfig` field (same names, defaults and help). Schedule positions take an "
+    "int step or a float fraction (``--prior_start 0.5``, ``--prior_start 100``); ``--target_modules`` and "
+    "``--exclude_modules`` take a regex (``'.*decoder.*'``) or a YAML list of name suffixes (``'[fc1, fc2]'``); "
+    "``--extra`` takes a YAML/JSON mapping. `to_config()` returns the `LinearizeConfig`."
+)

@@ -16,6 +16,21 @@ Schedule = Union[int, float, None]
 """A training position: an int is an optimizer step (>= 0); a float in [0, 1] is a fraction of all steps."""
 
 BUDGET_METRICS = ("nonlinear_fraction", "normalized_apl")
+"""The metrics a budget can hold (``LinearizeConfig.budget_metric``)."""
+
+LAMBDA_BOUNDS = (1e-6, 1e6)
+"""Bounds ``(min, max)`` of the budget controller's stored prior weight lambda."""
+
+DEFAULT_FRACTION_BUDGET_SCALE = 0.05
+"""``budget_scale`` used when None and the budget metric is ``nonlinear_fraction``."""
+
+DEFAULT_APL_BUDGET_SCALE_RATIO = 0.05
+"""``budget_scale`` used when None and the metric is ``normalized_apl``: this share of the first measured value."""
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A `LinearizeConfig` field with its description (``metadata["help"]``, also the recipe flag's help text)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _check_pattern(name: str, value: Pattern) -> None:
@@ -62,43 +77,46 @@ class LinearizeConfig:
     """
 
     # --- patching -------------------------------------------------------------------------------
-    target_modules: Pattern = None
-    """Activation modules to gate: regex (full match) or list of name suffixes. None = the family default."""
-    exclude_modules: Pattern = None
-    """Modules never to gate, same syntax as ``target_modules``."""
-    gate_init: float = 0.0
-    """Initial gate value of every unit, in [0, 1]. 0 keeps the model's function exactly."""
-    linear_threshold: float = 1e-3
-    """A unit with gate >= 1 - linear_threshold counts as linear (and is snapped to exactly 1 in training)."""
+    target_modules: Pattern = _setting(
+        None, "Activation modules to gate: regex (full match) or list of name suffixes. None = the family default.")
+    exclude_modules: Pattern = _setting(None, "Modules never to gate, same syntax as target_modules.")
+    gate_init: float = _setting(
+        0.0, "Initial gate value of every unit, in [0, 1]. 0 keeps the model's function exactly.")
+    linear_threshold: float = _setting(
+        1e-3, "A unit with gate >= 1 - linear_threshold counts as linear (and is snapped to exactly 1 in training); "
+        "in (0, 0.5].")
 
     # --- training prior (used by LinearizeTrainer) ---------------------------------------------
-    prior_lambda: float = 0.0
-    """Weight of the L1 prior ``lambda * mean(1 - a)`` over all gated units; >= 0. 0 without a budget trains the
-    model with every gate held where it is. With ``budget_target`` it is the controller's starting lambda
-    (0 = 1.0)."""
-    prior_start: Schedule = 0
-    """When the prior switches on. 0 = from the start ("early"); later = "late". Before it the gates are held."""
-    prior_warmup: Schedule = 0
-    """Length of the linear ramp of lambda from 0 to ``prior_lambda`` after ``prior_start``."""
-    freeze_gates_after: Schedule = None
-    """After this point the gates stop changing. None = never."""
-    freeze_linear: bool = True
-    """Once a unit is snapped to exactly 1 it stays there."""
-    gate_lr: Optional[float] = None
-    """Learning rate of the gate parameter group (no weight decay). None = the model learning rate."""
-    budget_target: Optional[float] = None
-    """If set, a controller adjusts lambda to reach this value of ``budget_metric`` and hold it."""
-    budget_metric: str = "nonlinear_fraction"
-    """What the budget measures: 'nonlinear_fraction' (in [0, 1]) or 'normalized_apl' (>= 0)."""
-    budget_gain: float = 0.01
-    """Budget controller: change of log(lambda) per optimizer step at full error; > 0."""
-    budget_tolerance: float = 0.02
-    """Budget controller: the target counts as reached once ``|measured - target| <= budget_tolerance``; >= 0."""
-    budget_scale: Optional[float] = None
-    """Budget controller: error (in metric units) at which its step saturates; > 0. None = 0.05 for
-    'nonlinear_fraction', 5% of the first measured value for 'normalized_apl'."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata carried along in saved checkpoints (JSON-serialisable)."""
+    prior_lambda: float = _setting(
+        0.0, "Weight of the L1 prior lambda * mean(1 - a) over all gated units; >= 0. 0 without a budget trains the "
+        "model with every gate held where it is. With budget_target it is the controller's starting lambda "
+        "(0 = 1.0).")
+    prior_start: Schedule = _setting(
+        0, "When the prior switches on (int step or float fraction of training). 0 = from the start (early); "
+        "later = late. Before it the gates are held.")
+    prior_warmup: Schedule = _setting(
+        0, "Length (int steps or float fraction) of the linear ramp of lambda from 0 to prior_lambda after "
+        "prior_start.")
+    freeze_gates_after: Schedule = _setting(
+        None, "After this point (int step or float fraction) the gates stop changing. None = never.")
+    freeze_linear: bool = _setting(True, "Once a unit is snapped to exactly 1 it stays there.")
+    gate_lr: Optional[float] = _setting(
+        None, "Learning rate of the gate parameter group (no weight decay); > 0. None = the model learning rate.")
+    budget_target: Optional[float] = _setting(
+        None, "If set, a controller adjusts lambda to reach this value of budget_metric and hold it.")
+    budget_metric: str = _setting(
+        "nonlinear_fraction", "What the budget measures: 'nonlinear_fraction' (in [0, 1]) or 'normalized_apl' (>= 0).")
+    budget_gain: float = _setting(
+        0.01, "Budget controller: change of log(lambda) per optimizer step at full error; > 0.")
+    budget_tolerance: float = _setting(
+        0.02, "Budget controller: the target counts as reached once |measured - target| <= budget_tolerance; >= 0.")
+    budget_scale: Optional[float] = _setting(
+        None, "Budget controller: error (in metric units) at which its step saturates; > 0. None = "
+        f"{DEFAULT_FRACTION_BUDGET_SCALE} for 'nonlinear_fraction', {DEFAULT_APL_BUDGET_SCALE_RATIO:.0%} of the "
+        "first measured value for 'normalized_apl'.")
+    extra: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Free-form metadata carried along in saved checkpoints (JSON-serialisable mapping)."})
 
     def __post_init__(self) -> None:
         self.validate()

@@ -124,8 +124,9 @@ def path_length_report(model: nn.Module, ungated_cost: float = 0.0) -> dict[str,
 
 
 def save_report_json(report: dict[str, Any], path: PathLike) -> Path:
-    """Write a :func:`path_length_report` as indented JSON; return the path."""
+    """Write a :func:`path_length_report` as indented JSON (creating the folder when missing); return the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -156,7 +157,8 @@ _COLUMNS = (
 
 
 def plot_core_map(report: dict[str, Any], path: PathLike) -> Path:
-    """Draw the core-network map of a :func:`path_length_report` as a PNG heatmap; return the path.
+    """Draw the core-network map of a :func:`path_length_report` as a PNG heatmap at ``path`` (its folder is
+    created when missing); return the path.
 
     One panel per stack (encoder and decoder side by side), one row per gated layer, and three columns:
     the nonlinear fraction and the two APL contributions, coloured relative to the largest value of the
@@ -194,5 +196,6 @@ def plot_core_map(report: dict[str, Any], path: PathLike) -> Path:
         fontsize=10,
     )
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
     return path

@@ -1,7 +1,9 @@
-"""Model families: where each family keeps its activation sites and what its path graph is, in one table.
+"""Model families: where each family keeps its activation sites, what its path graph is and how its linear
+units fold away, in one table.
 
-A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites and
-how to build its path graph (the builders and the graph of each family are in :mod:`hf_linearize.graphs`).
+A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites,
+how to build its path graph (the builders and the graph of each family are in :mod:`hf_linearize.graphs`), and
+which projection feeds each site and which reads it (:class:`FoldRule`, used by :mod:`hf_linearize.folding`).
 Families that share a layout share a spec (Marian, BART, mBART, M2M100/NLLB, Pegasus, Blenderbot, PLBart
 and FSMT all use ``fc1 -> activation_fn -> fc2``). A model that matches no spec falls back to
 :data:`GENERIC`, which gates activation modules by type and has a path graph for plain MLP stacks only.
@@ -88,6 +90,33 @@ def glu_kind(parent: Optional[nn.Module]) -> GateKind:
 
 
 @dataclass(frozen=True)
+class FoldRule:
+    """Which projections feed a gated FFN site and which reads it; :func:`hf_linearize.fold` uses the first rule
+    of the family that fits a site. Paths are dotted, relative to the FFN's *owner*: the module whose name is the
+    site's name minus ``site``.
+
+    Attributes:
+        site: path of the activation (e.g. ``"activation_fn"``, ``"intermediate.intermediate_act_fn"``).
+        fc_in: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) feeding the site; for a GLU site its gate projection ``u``.
+        fc_out: the projection reading the FFN's hidden layer.
+        glu: the site is the gate of a gated FFN ``fc_out(act(u) * v)``. The owner must be exactly that FFN (it is
+            replaced as a whole). A plain site is ``fc_out(act(fc_in(x)))``, called by the owner as three separate
+            modules (they are replaced one by one, so the owner keeps its own forward).
+        fc_value: GLU only: the value projection ``v``; None when ``fc_in`` packs ``[u, v]`` halves.
+        gate_half: GLU with packed ``fc_in`` only: owner -> which half (0 or 1) of ``fc_in``'s output is ``u``.
+        identity: paths that must be ``nn.Identity`` for the rule to hold (e.g. an optional norm inside timm MLPs).
+    """
+
+    site: str
+    fc_in: str
+    fc_out: str
+    glu: bool = False
+    fc_value: Optional[str] = None
+    gate_half: Optional[Callable[[nn.Module], int]] = None
+    identity: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """One model layout.
 
@@ -101,6 +130,8 @@ class FamilySpec:
         mean_task_loss: the model's ``forward`` returns a plain mean loss and ignores ``num_items_in_batch``
             although it takes ``**kwargs`` (transformers 5 would then mis-scale it under gradient accumulation
             and DDP; `LinearizeTrainer` tells the Trainer so).
+        fold_rules: how its FFN sites fold (:class:`FoldRule`, first fit wins); a site no rule fits stays gated.
+        fold_note: why sites stay gated when folded, for families without (complete) fold rules.
     """
 
     name: str
@@ -108,6 +139,8 @@ class FamilySpec:
     graph: graphs.GraphBuilder
     target_modules: Selector = None
     mean_task_loss: bool = False
+    fold_rules: tuple[FoldRule, ...] = ()
+    fold_note: str = "no fold rule fits this site"
 
 
 def _hf_model_type(*model_types: str) -> Callable[[nn.Module], bool]:
@@ -129,6 +162,13 @@ def _library_class(library: str, *class_names: str) -> Callable[[nn.Module], boo
     return match
 
 
+# Why CNN sites stay gated. A linear activation layer between two convolutions (BatchNorm folded in) could merge
+# them, but in the supported CNNs no merge pays off or is exact: k x k o k x k grows the kernel (3x3 o 3x3 -> 5x5,
+# 25 vs 18 MACs per channel pair in ResNet BasicBlocks); 1x1 o k x k into a ResNet bottleneck's thin 3x3 costs
+# 9*4c*c = 36c^2 against 4c^2 + 9c^2 (and a k x k after a biased 1x1 is inexact at zero-padded borders); in
+# EfficientNet/MobileNet the neighbour is a depthwise conv (a merge makes it dense) or the squeeze-excite product.
+_CNN_FOLD_NOTE = "CNN activations stay gated: no conv merge pays off in ResNet/EfficientNet/MobileNet blocks"
+
 SEQ2SEQ_FC = FamilySpec(
     name="seq2seq_fc",
     matches=_hf_model_type(
@@ -137,6 +177,7 @@ SEQ2SEQ_FC = FamilySpec(
     target_modules=r".*(encoder|decoder)\.layers\.\d+\.activation_fn",
     graph=graphs.seq2seq_fc_graph,
     mean_task_loss=True,
+    fold_rules=(FoldRule(site="activation_fn", fc_in="fc1", fc_out="fc2"),),
 )
 T5 = FamilySpec(
     name="t5",
@@ -144,42 +185,63 @@ T5 = FamilySpec(
     target_modules=r".*\.DenseReluDense\.act",
     graph=graphs.t5_graph,
     mean_task_loss=True,
+    fold_rules=(
+        FoldRule(site="act", fc_in="wi_0", fc_value="wi_1", fc_out="wo", glu=True),  # T5 v1.1, mT5
+        FoldRule(site="act", fc_in="wi", fc_out="wo"),
+    ),
 )
 BERT = FamilySpec(
     name="bert",
     matches=_hf_model_type("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"),
     target_modules=r".*\.intermediate\.intermediate_act_fn",
     graph=graphs.bert_graph,
+    fold_rules=(FoldRule(site="intermediate.intermediate_act_fn", fc_in="intermediate.dense", fc_out="output.dense"),),
 )
 DISTILBERT = FamilySpec(
     name="distilbert",
     matches=_hf_model_type("distilbert"),
     target_modules=r".*\.ffn\.activation",
     graph=graphs.distilbert_graph,
+    fold_rules=(FoldRule(site="activation", fc_in="lin1", fc_out="lin2"),),
 )
 HF_VIT = FamilySpec(
     name="hf_vit",
     matches=_hf_model_type("vit", "deit"),
     target_modules=r"(.*\.)?layers\.\d+\.mlp\.activation_fn",
     graph=graphs.hf_vit_graph,
+    fold_rules=(FoldRule(site="activation_fn", fc_in="fc1", fc_out="fc2"),),
 )
 TIMM_TRANSFORMER = FamilySpec(
     name="timm_transformer",
     matches=_library_class("timm", "VisionTransformer", "SwinTransformer", "Eva", "ConvNeXt"),
     target_modules=r".*\.mlp\.act",
     graph=graphs.timm_transformer_graph,
+    fold_rules=(
+        FoldRule(site="act", fc_in="fc1_g", fc_value="fc1_x", fc_out="fc2", glu=True, identity=("norm",)),  # SwiGLU
+        FoldRule(site="act", fc_in="fc1", fc_out="fc2", glu=True, identity=("norm",),  # GluMlp, SwiGLUPacked
+                 gate_half=lambda mlp: int(mlp.gate_last)),
+        FoldRule(site="act", fc_in="fc1", fc_out="fc2", identity=("norm",)),  # Mlp (Linear), ConvMlp (1x1 conv)
+    ),
+    fold_note="an MLP with a norm layer between its projections cannot fold",
 )
 TIMM_CNN = FamilySpec(
     name="timm_cnn",
     matches=_library_class("timm", "ResNet", "EfficientNet", "MobileNetV3"),
     graph=graphs.cnn_graph,
+    fold_note=_CNN_FOLD_NOTE,
 )
 TORCHVISION_RESNET = FamilySpec(
     name="torchvision_resnet",
     matches=_library_class("torchvision", "ResNet"),
     graph=graphs.cnn_graph,
+    fold_note=_CNN_FOLD_NOTE,
 )
-GENERIC = FamilySpec(name="generic", matches=lambda model: True, graph=graphs.mlp_graph)
+GENERIC = FamilySpec(
+    name="generic",
+    matches=lambda model: True,
+    graph=graphs.mlp_graph,
+    fold_rules=(FoldRule(site="act_fn", fc_in="gate_proj", fc_value="up_proj", fc_out="down_proj", glu=True),),  # LLaMA
+)
 
 FAMILIES: tuple[FamilySpec, ...] = (
     SEQ2SEQ_FC, T5, BERT, DISTILBERT, HF_VIT, TIMM_TRANSFORMER, TIMM_CNN, TORCHVISION_RESNET, GENERIC

@@ -6,19 +6,25 @@ Two kinds of site:
 
 * ``"elementwise"`` (ReLU, GELU, SiLU, ... FFN/MLP/conv activations)::
 
-      y_c = a_c * x_c + (1 - a_c) * act(x_c)
+      y_c = a_c * (p_c * x_c + q_c) + (1 - a_c) * act(x_c)
 
-  ``a_c = 0`` is the original activation bit for bit, ``a_c = 1`` is exactly the identity.
-  For ReLU this is PReLU with slope ``a_c``.
+  ``a_c = 0`` is the original activation bit for bit, ``a_c = 1`` is exactly the affine map ``p_c x + q_c``.
+  The default target ``p = 1, q = 0`` is the identity (the paper's gate; for ReLU it is PReLU with slope
+  ``a_c``); calibration (`calibration.py`) fits ``p, q`` to data, so that a linearized unit of a pretrained model
+  is its best linear replacement instead of ``x``.
 
 * ``"glu"`` (the gate activation of a gated FFN ``h = act(u) * v``: T5 v1.1/mT5 ``wi_0``/``wi_1``,
-  timm ``GluMlp``/``SwiGluPacked``/``SwiGLU``)::
+  timm ``GluMlp``/``SwiGLUPacked``/``SwiGLU``)::
 
-      g_c = a_c * 1 + (1 - a_c) * act(u_c),     h_c = g_c * v_c
+      g_c = a_c * q_c + (1 - a_c) * act(u_c),     h_c = g_c * v_c
 
   Interpolating ``act(u)`` toward the identity would leave the bilinear product ``u_c * v_c``, which is not
-  linear. Interpolating toward the constant 1 instead makes a fully gated unit ``h_c = v_c``: a linear
-  function of the FFN input, whose gate-projection row is no longer used.
+  linear. Interpolating toward a constant ``q_c`` (default 1) instead makes a fully gated unit ``h_c = q_c v_c``:
+  a linear function of the FFN input, whose gate-projection row is no longer used.
+
+The targets are buffers ``target_slope`` (``p``; unused by GLU sites) and ``target_offset`` (``q``), fp32, shape
+``[channels]``, saved with the gates. While they hold their defaults the target is computed as ``x`` (or 1)
+itself, so today's gates and older checkpoints, which have no target tensors, give the same bits.
 
 Both are computed with ``torch.lerp``, which is exact at both ends (weight 0 returns ``act(x)``, weight 1
 returns the target), so a fresh patch changes no output bit and a linear unit is exactly linear.
@@ -48,21 +54,21 @@ def _reduce_dims(ndim: int, channel_dim: int) -> list[int]:
 
 
 class _GateFunction(torch.autograd.Function):
-    """``lerp(act(x), target, w)`` with ``target = x`` (elementwise) or 1 (glu), ``w`` = ``alpha`` cast to
-    ``x.dtype`` and shaped to broadcast along ``channel_dim``.
+    """``lerp(act(x), target, w)`` with ``target = p x + q`` (elementwise) or ``q`` (glu), ``w`` = ``alpha`` cast
+    to ``x.dtype`` and shaped to broadcast along ``channel_dim``; ``affine=None`` is the default target ``x``/1.
 
     Forward: exactly `GatedActivation`'s no-grad computation. Backward: ``act(x)`` is recomputed from the saved
-    ``x``; ``d/dx = (1 - w) act'(x) + w [elementwise]``, ``d/dalpha_c = sum over all but the channel dim of
-    g * (target - act(x))``, accumulated in fp32 or wider.
+    ``x``; ``d/dx = (1 - w) act'(x) + w p [elementwise]``, ``d/dalpha_c = sum over all but the channel dim of
+    g * (target - act(x))``, accumulated in fp32 or wider. The targets get no gradient.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, act: nn.Module, channel_dim: int, glu: bool,
-                all_zero: bool) -> torch.Tensor:
+                all_zero: bool, affine: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         w = _broadcast_weight(alpha, x, channel_dim)
         ctx.save_for_backward(x, alpha)
-        ctx.act, ctx.channel_dim, ctx.glu, ctx.all_zero = act, channel_dim, glu, all_zero
-        return _mix(act(x), x, w, glu, all_zero)
+        ctx.act, ctx.channel_dim, ctx.glu, ctx.all_zero, ctx.affine = act, channel_dim, glu, all_zero, affine
+        return _mix(act(x), x, w, glu, all_zero, affine, channel_dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -74,7 +80,7 @@ class _GateFunction(torch.autograd.Function):
             y = ctx.act(x_leaf)
         grad_x = grad_alpha = None
         if need_alpha:
-            distance = (1.0 - y.detach()) if ctx.glu else (x - y.detach())
+            distance = _target(x, ctx.glu, ctx.affine, ctx.channel_dim) - y.detach()
             accumulate = torch.promote_types(g.dtype, torch.float32)
             grad_alpha = distance.mul_(g).sum(_reduce_dims(x.dim(), ctx.channel_dim), dtype=accumulate)
             grad_alpha = grad_alpha.reshape(alpha.shape).to(alpha.dtype)
@@ -82,22 +88,34 @@ class _GateFunction(torch.autograd.Function):
             w = _broadcast_weight(alpha, x, ctx.channel_dim)
             (grad_x,) = torch.autograd.grad(y, x_leaf, g if ctx.all_zero else g * (1.0 - w))
             if not (ctx.all_zero or ctx.glu):
-                grad_x = grad_x.addcmul_(g, w)
-        return grad_x, grad_alpha, None, None, None, None
+                slope = w if ctx.affine is None else w * _broadcast_weight(ctx.affine[0], x, ctx.channel_dim)
+                grad_x = grad_x.addcmul_(g, slope)
+        return grad_x, grad_alpha, None, None, None, None, None
 
 
 def _broadcast_weight(alpha: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """A per-channel ``[C]`` tensor cast to ``x.dtype`` and shaped to broadcast along ``channel_dim`` of ``x``."""
     w = alpha.to(x.dtype)
     if channel_dim == 1 and x.dim() > 2:
         w = w.view(-1, *([1] * (x.dim() - 2)))
     return w
 
 
-def _mix(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, glu: bool, all_zero: bool) -> torch.Tensor:
+def _target(x: torch.Tensor, glu: bool, affine: Optional[tuple[torch.Tensor, torch.Tensor]],
+            channel_dim: int) -> torch.Tensor:
+    """The linear target of every unit: ``x`` or ``p x + q`` (elementwise), 1 or ``q`` (glu)."""
+    if affine is None:
+        return x.new_ones(()) if glu else x
+    slope, offset = (_broadcast_weight(t, x, channel_dim) for t in affine)
+    return offset if glu else torch.addcmul(offset, x, slope)
+
+
+def _mix(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, glu: bool, all_zero: bool,
+         affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None, channel_dim: int = -1) -> torch.Tensor:
     """``lerp(y, target, w)``; ``y`` itself when every weight is 0 (the same bits as the lerp)."""
     if all_zero:
         return y
-    return torch.lerp(y, x.new_ones(()) if glu else x, w)
+    return torch.lerp(y, _target(x, glu, affine, channel_dim), w)
 
 
 class GatedActivation(nn.Module):
@@ -123,10 +141,51 @@ class GatedActivation(nn.Module):
         self.channel_dim = channel_dim
         self.kind: GateKind = kind
         self.alpha = nn.Parameter(torch.full((channels,), float(init), dtype=torch.float32))
+        self.register_buffer("target_slope", torch.ones(channels, dtype=torch.float32))
+        self.register_buffer("target_offset", torch.full((channels,), self.default_offset, dtype=torch.float32))
+        self._affine = False  # False while the targets hold their defaults: the target is then x (or 1) itself
 
     @property
     def channels(self) -> int:
         return self.alpha.numel()
+
+    @property
+    def default_offset(self) -> float:
+        """``q`` of the default target: 0 (elementwise, target ``x``) or 1 (glu, target 1)."""
+        return 1.0 if self.kind == "glu" else 0.0
+
+    @torch.no_grad()
+    def set_targets(self, slope: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None) -> None:
+        """Set the linear targets ``p`` (``slope``) and ``q`` (``offset``), each ``[channels]``; ``None`` keeps the
+        current values. Only units with ``alpha > 0`` change the output. A GLU site's slope must stay 1."""
+        for name, value in (("target_slope", slope), ("target_offset", offset)):
+            if value is None:
+                continue
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if value.shape != (self.channels,) or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be a finite tensor of shape ({self.channels},); got "
+                                 f"{tuple(value.shape)}.")
+            getattr(self, name).copy_(value)
+        if self.kind == "glu" and not bool((self.target_slope == 1).all()):
+            self.target_slope.fill_(1.0)
+            raise ValueError("A GLU unit's linear target is a constant q (h = q v): set only its offset.")
+        self._sync_affine()
+
+    def _sync_affine(self) -> None:
+        self._affine = not (bool((self.target_slope == 1).all())
+                            and bool((self.target_offset == self.default_offset).all()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Checkpoints written before affine targets existed (format 1) hold only alpha: keep the default targets.
+        for name in ("target_slope", "target_offset"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._sync_affine()
+
+    def _affine_targets(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.target_slope, self.target_offset) if self._affine else None
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_dim={self.channel_dim}, kind={self.kind!r}"
@@ -146,12 +205,14 @@ class GatedActivation(nn.Module):
         glu = self.kind == "glu"
         tracing = torch.jit.is_tracing()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
+        affine = self._affine_targets()
         if needs_grad and not tracing and next(self.act.parameters(), None) is None:
-            return _GateFunction.apply(x, self.alpha, self.act, self.channel_dim, glu, self._all_zero())
+            return _GateFunction.apply(x, self.alpha, self.act, self.channel_dim, glu, self._all_zero(), affine)
         # Plain ops: without gradients; in a traced graph (valid for any gate values); or for an activation with
         # parameters of its own (PReLU), whose gradients autograd must see.
         all_zero = not (needs_grad or tracing) and self._all_zero()
-        return _mix(self.act(x), x, _broadcast_weight(self.alpha, x, self.channel_dim), glu, all_zero)
+        return _mix(self.act(x), x, _broadcast_weight(self.alpha, x, self.channel_dim), glu, all_zero, affine,
+                    self.channel_dim)
 
 
 class SharedGatedActivation(nn.Module):

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -29,6 +31,8 @@ import timm
 import torch
 import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .config import LinearizeConfig
@@ -40,6 +44,8 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_TEMPLATE = importlib.resources.files("hf_linearize.model_cards") / "linearized_model.md"
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger(__name__)
 
 
 class LinearizedCheckpointError(ValueError):
@@ -106,11 +112,14 @@ def render_model_card(
     dataset: Optional[str] = None,
     language: Union[str, list[str], None] = None,
     model_name: str = "linearized-model",
+    load_from: str = "path/to/checkpoint",
 ) -> ModelCard:
     """The model card: YAML metadata (``base_model``, ``tags``, ``model-index``, ``path_length``) and prose.
 
     ``metadata`` is :func:`checkpoint_metadata`'s result; ``metrics`` maps a metric name (``bleu``, ``chrf``,
-    ``accuracy``) to a value measured on ``dataset``.
+    ``accuracy``) to a value measured on ``dataset``. ``load_from`` is what the card's usage snippet passes to
+    ``from_pretrained``: the Hub repo id when pushed, the directory when saved. ``base_model`` is linked to the Hub
+    only when it is not a local folder.
     """
     config = metadata["linearize_config"]
     total = metadata["summary"]["total"]
@@ -131,8 +140,9 @@ def render_model_card(
                    metric_type=name, metric_value=float(value))
         for name, value in (metrics or {}).items()
     ] or None
+    base_model_on_hub = bool(base_model) and not Path(base_model).exists()
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if base_model_on_hub else None,
         library_name="hf_linearize",
         tags=["linearized", "average-path-length", "hf_linearize", metadata["backend"], metadata["family"]],
         datasets=[dataset] if dataset else None,
@@ -146,6 +156,8 @@ def render_model_card(
         template_str=CARD_TEMPLATE.read_text(encoding="utf-8"),
         model_name=model_name,
         base_model=base_model,
+        base_model_on_hub=base_model_on_hub,
+        load_from=load_from,
         metrics=dict(metrics or {}),
         dataset=dataset,
         pl=path_length,
@@ -185,26 +197,59 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / LINEARIZE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    card_kwargs.setdefault("load_from", str(directory))
     render_model_card(metadata, **card_kwargs).save(directory / "README.md")
     return directory
 
 
 # ------------------------------------------------------------------------------------------------ load
-def _local_directory(name_or_path: PathLike, revision: Optional[str], token: Optional[str]) -> Path:
+def _looks_like_path(name_or_path: PathLike) -> bool:
+    """A path object, or a string that starts with ``.``, ``/`` or ``~``, or holds ``\\``: never a Hub repo id."""
+    if not isinstance(name_or_path, str):
+        return True
+    return name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or Path(name_or_path).is_absolute()
+
+
+def _checkpoint_directory(name_or_path: PathLike, revision: Optional[str], token: Optional[str]) -> Path:
+    """The local checkpoint folder ``name_or_path``, else the downloaded snapshot of the Hub repo of that name.
+
+    When neither exists the :class:`LinearizedCheckpointError` names both: no local folder, and why the Hub repo
+    could not be used (not a valid repo id, unreachable, offline, not found).
+    """
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.exists() or str(name_or_path).count("/") > 1:
-        raise LinearizedCheckpointError(f"{name_or_path} is neither a checkpoint directory nor a Hub repo id.")
-    repo_id = str(name_or_path)
-    api = HfApi(token=token)
-    files = api.list_repo_files(repo_id, revision=revision)
+    if path.exists():
+        raise LinearizedCheckpointError(
+            f"{name_or_path} is a file, not a checkpoint folder; pass the folder that holds {LINEARIZE_CONFIG_NAME}."
+        )
+    name = os.fspath(name_or_path)
+    no_folder = f"There is no local folder {name!r} (looked for {path.expanduser().resolve()})"
+    check = (f"Check the path (relative paths start from the working directory {Path.cwd()}), or the repo id, "
+             "revision and token if you meant the Hub.")
+    try:
+        validate_repo_id(name)
+        invalid = None
+    except HFValidationError as error:
+        invalid = str(error)
+    if invalid is not None or _looks_like_path(name_or_path):
+        reason = invalid or "it is written as a path"
+        raise LinearizedCheckpointError(f"{no_folder}, and {name!r} is not a Hub repo id ({reason}), so no Hub repo "
+                                        f"{name!r} can be found. {check}")
+    try:
+        files = HfApi(token=token).list_repo_files(name, revision=revision)
+    except OSError as error:  # every huggingface_hub HTTP, connection and offline-mode error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise LinearizedCheckpointError(
+            f"{no_folder}, and Hub repo {name!r} (revision {revision or 'main'}) is not reachable or not found "
+            f"({type(error).__name__}: {reason}). {check}"
+        ) from error
     if LINEARIZE_CONFIG_NAME not in files:
         raise LinearizedCheckpointError(
-            f"Hub repo {repo_id!r} (revision {revision or 'main'}) is not a linearized model: it has no "
+            f"Hub repo {name!r} (revision {revision or 'main'}) is not a linearized model: it has no "
             f"{LINEARIZE_CONFIG_NAME}. Load it with transformers or timm directly, then hf_linearize.patch_model."
         )
-    return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, token=token))
+    return Path(huggingface_hub.snapshot_download(name, revision=revision, token=token))
 
 
 def read_checkpoint_metadata(directory: PathLike) -> dict[str, Any]:
@@ -232,38 +277,115 @@ def read_checkpoint_metadata(directory: PathLike) -> dict[str, Any]:
     return {**metadata, "linearize_config": config}
 
 
-def _build_base_model(directory: Path, backend: str) -> nn.Module:
-    if backend == "timm":
-        from timm.models._hub import load_model_config_from_path
+@dataclass
+class _WeightMismatch:
+    """Tensors of a checkpoint file that do not fit the model rebuilt from its config (checkpoint keys)."""
 
-        pretrained_cfg, model_name, model_args = load_model_config_from_path(directory)
-        return timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+    missing: list[str] = field(default_factory=list)
+    """Tensors the model has and the file lacks (tied weights that the file legitimately omits excluded)."""
+    unexpected: list[str] = field(default_factory=list)
+    """Tensors in the file that the model has no place for."""
+    wrong_shape: list[str] = field(default_factory=list)
+    """``"key: file (a, b), model (c, d)"`` per tensor whose shape differs."""
+
+    def lines(self) -> list[str]:
+        return ([f"missing {k}" for k in self.missing] + [f"unexpected {k}" for k in self.unexpected]
+                + [f"wrong shape {k}" for k in self.wrong_shape])
+
+
+def _shape_note(key: str, file_shape: Any, model_shape: Any) -> str:
+    return f"{key}: file {tuple(file_shape)}, model {tuple(model_shape)}"
+
+
+def _build_transformers_model(directory: Path) -> tuple[nn.Module, _WeightMismatch]:
+    """The transformers model of ``config.json`` (``architectures[0]``, else ``AutoModel``) with the base weights
+    loaded, and what did not fit. transformers resolves tied and renamed keys; the gates are among the
+    unexpected keys here and are sorted out by the caller."""
     config = transformers.AutoConfig.from_pretrained(directory)
     architectures = getattr(config, "architectures", None) or ["AutoModel"]
     model_class = getattr(transformers, architectures[0], transformers.AutoModel)
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the gate keys are loaded below, not by transformers
+    transformers.logging.set_verbosity_error()  # every mismatch is reported by from_pretrained below
     try:
-        return model_class.from_pretrained(directory)
+        model, info = model_class.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    return model, _WeightMismatch(
+        missing=sorted(info["missing_keys"]),
+        unexpected=sorted(info["unexpected_keys"]),
+        wrong_shape=sorted(_shape_note(k, f, m) for k, f, m in info["mismatched_keys"]),
+    )
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor],
+                keys: Optional[set[str]] = None) -> _WeightMismatch:
+    """Load every tensor of ``state`` whose key and shape fit ``model`` and report the rest, counting only
+    ``keys`` of the model's state dict when given. Missing means missing after the modules' own load hooks (a
+    gate fills in default targets that format-1 checkpoints lack); a tensor sharing its storage with a loaded one
+    (a tied weight, which safetensors stores once) is loaded through it and is not missing."""
+    own = model.state_dict()
+    if keys is not None:
+        own = {k: v for k, v in own.items() if k in keys}
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    wrong_shape = {k: v.shape for k, v in state.items() if k in own and k not in fits}
+    result = model.load_state_dict(fits, strict=False)
+    loaded = {own[k].data_ptr() for k in fits}
+    return _WeightMismatch(
+        missing=sorted(k for k in result.missing_keys
+                       if k in own and k not in wrong_shape and own[k].data_ptr() not in loaded),
+        unexpected=sorted(k for k in state if k not in own),
+        wrong_shape=sorted(_shape_note(k, shape, own[k].shape) for k, shape in wrong_shape.items()),
+    )
+
+
+def _settle(mismatch: _WeightMismatch, weights_file: Path, allow_partial: bool) -> None:
+    """Raise :class:`LinearizedCheckpointError` naming every tensor that did not fit, or with ``allow_partial``
+    log each one as a warning."""
+    lines = mismatch.lines()
+    if not lines:
+        return
+    if allow_partial:
+        for line in lines:
+            logger.warning("Loading %s with allow_partial=True: %s", weights_file, line)
+        return
+    shown = "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
+    raise LinearizedCheckpointError(
+        f"The weights in {weights_file} do not fit the model rebuilt from its config ({len(mismatch.missing)} "
+        f"missing, {len(mismatch.unexpected)} unexpected, {len(mismatch.wrong_shape)} of the wrong shape):\n  "
+        f"{shown}\nThe file is damaged or belongs to another checkpoint; save the model again. To load it anyway "
+        "pass allow_partial=True: missing and wrongly shaped tensors then keep their fresh initialisation."
+    )
 
 
 def from_pretrained(
-    name_or_path: PathLike, revision: Optional[str] = None, *, token: Optional[str] = None
+    name_or_path: PathLike, revision: Optional[str] = None, *, token: Optional[str] = None,
+    allow_partial: bool = False,
 ) -> nn.Module:
-    """Load a linearized checkpoint from a directory or a Hub repo id: rebuild the base model (transformers Auto
+    """Load a linearized checkpoint from a directory or a Hub repo id: rebuild the base model (transformers
     classes from ``config.json``, timm from its recorded model args), re-apply the gates, load every weight.
 
-    The result computes exactly what the saved model computed. Raises :class:`LinearizedCheckpointError` for a
-    missing/corrupt/too-new ``linearize_config.json`` or for weights that do not match it.
+    The result computes exactly what the saved model computed. Loading is strict: a missing, unexpected or wrongly
+    shaped tensor (base weight or gate) raises :class:`LinearizedCheckpointError` naming it; tied weights that
+    transformers leaves out of the file are the one exception. ``allow_partial=True`` logs each such tensor as a
+    warning instead (a missing one keeps its fresh initialisation, a missing gate its ``gate_init``). Also raises
+    :class:`LinearizedCheckpointError` for a missing/corrupt/too-new ``linearize_config.json``, and when
+    ``name_or_path`` is neither a local folder nor a reachable Hub repo (naming both).
     """
-    directory = _local_directory(name_or_path, revision, token)
+    directory = _checkpoint_directory(name_or_path, revision, token)
     metadata = read_checkpoint_metadata(directory)
     weights_file = directory / WEIGHTS_NAME
     if not weights_file.is_file():
         raise LinearizedCheckpointError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete.")
-    model = patch_model(_build_base_model(directory, metadata["backend"]), metadata["linearize_config"])
+    if metadata["backend"] == "timm":
+        from timm.models._hub import load_model_config_from_path
+
+        pretrained_cfg, model_name, model_args = load_model_config_from_path(directory)
+        model = timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+        base_mismatch = None
+    else:
+        model, base_mismatch = _build_transformers_model(directory)
+    base_keys = set(model.state_dict())
+    patch_model(model, metadata["linearize_config"])
     sites = {name: gate.channels for name, gate in gated_modules(model)}
     if sites != metadata["sites"]:
         differ = sorted(set(sites.items()) ^ set(metadata["sites"].items()))[:5]
@@ -272,40 +394,19 @@ def from_pretrained(
             f"{differ}); the checkpoint's config and weights do not belong together."
         )
     state = safetensors.torch.load_file(str(weights_file))
-    if metadata["backend"] == "timm":
-        _load_strict(model, state, directory)
-    else:
-        _load_gates(model, state, directory)
-    return model.eval()
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise LinearizedCheckpointError(f"Weights in {directory} do not match its config: {error}") from error
-
-
-def _load_gates(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
-    """transformers already loaded the base weights (handling tied and renamed keys); load the gate tensors."""
-    expected = {f"{name}.alpha" for name, _ in gated_modules(model)}
-    parameters = dict(model.named_parameters())
-    extra = sorted(k for k in state if k.endswith(".alpha") and k not in expected and k not in parameters)
-    if extra:
-        raise LinearizedCheckpointError(
-            f"Weights in {directory} do not match its config: gate tensors {extra[:3]} (of {len(extra)}) belong to "
-            f"no site that {LINEARIZE_CONFIG_NAME} gates."
+    if base_mismatch is None:
+        mismatch = _load_state(model, state)
+    else:  # transformers loaded the base weights; the tensors that patching added were its unexpected keys
+        patched_keys = set(model.state_dict()) - base_keys
+        moved = base_keys - set(model.state_dict())  # parameters of an activation now inside its gate (PReLU)
+        gates = _load_state(model, {k: v for k, v in state.items() if k in patched_keys}, keys=patched_keys)
+        mismatch = _WeightMismatch(
+            missing=sorted({k for k in base_mismatch.missing if k not in moved} | set(gates.missing)),
+            unexpected=[k for k in base_mismatch.unexpected if k not in patched_keys],
+            wrong_shape=base_mismatch.wrong_shape + gates.wrong_shape,
         )
-    for name, gate in gated_modules(model):
-        key = f"{name}.alpha"
-        if key not in state or state[key].shape != gate.alpha.shape:
-            found = tuple(state[key].shape) if key in state else "missing"
-            raise LinearizedCheckpointError(
-                f"Weights in {directory} do not match its config: gate {key} expected shape "
-                f"{tuple(gate.alpha.shape)}, found {found}."
-            )
-        with torch.no_grad():
-            gate.alpha.copy_(state[key])
+    _settle(mismatch, weights_file, allow_partial)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ push
@@ -324,7 +425,7 @@ def push_to_hub(
     ``repo_id``; returns the commit's URL. On failure raises :class:`HubPushError`, and the local save stays.
     """
     local = Path(save_directory) if save_directory is not None else Path(tempfile.mkdtemp(prefix="hf_linearize-"))
-    save_pretrained(model, local, **save_kwargs)
+    save_pretrained(model, local, load_from=repo_id, **save_kwargs)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

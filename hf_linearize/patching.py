@@ -27,6 +27,10 @@ from .families import (
 from .gates import GatedActivation, SharedGatedActivation
 
 STATE_ATTR = "_hf_linearize"
+FOLD_ATTR = "_hf_linearize_fold"
+"""Set by :func:`hf_linearize.fold` on the folded model, which is no longer patched (its gates are fixed)."""
+_FOLDED = ("{} is a folded model (hf_linearize.fold): its linear units are merged away and its gates fixed. Use the "
+           "gated model it was folded from.")
 
 
 @dataclass
@@ -85,13 +89,44 @@ def _select_sites(model: nn.Module, config: LinearizeConfig, family: FamilySpec)
 
 
 # --------------------------------------------------------------------------------------------- probing
+def timm_input_size(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """``(channels, height, width)`` of the images a timm model takes *as built*, or None for a model without a
+    timm ``pretrained_cfg``.
+
+    Channels: ``in_channels`` of the first convolution (``pretrained_cfg["first_conv"]``, else the first ``Conv2d``
+    in module order), so ``in_chans=1`` is seen. Size: the patch embedding's ``img_size`` (ViT, DeiT, Swin, EVA,
+    Mixer: fixed when the model was created, e.g. ``img_size=32``), else ``timm.data.resolve_model_data_config``
+    (the ``pretrained_cfg`` input size; CNNs accept other sizes too).
+    """
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(pretrained_cfg, dict):
+        return None
+    from timm.data import resolve_model_data_config
+
+    default = tuple(resolve_model_data_config(model)["input_size"])
+    first_conv = pretrained_cfg.get("first_conv")
+    conv = None
+    if isinstance(first_conv, str):
+        try:
+            conv = model.get_submodule(first_conv)
+        except AttributeError:
+            conv = None
+    if not isinstance(getattr(conv, "in_channels", None), int):
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else default[0]
+    size = next((m.img_size for m in model.modules()
+                 if type(m).__name__.endswith("Embed") and getattr(m, "img_size", None) is not None), default[1:])
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(channels), int(height), int(width)
+
+
 def default_example_inputs(model: nn.Module) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
-    """A tiny input for the probe pass: timm models get an image of their ``input_size``, HF models token ids
+    """A tiny input for the probe pass: timm models get one image of :func:`timm_input_size`, HF models token ids
     (plus decoder ids for encoder-decoders) or pixel values. Other models must pass ``example_inputs``."""
     generator = torch.Generator().manual_seed(0)
-    pretrained_cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:
-        return torch.randn(1, *pretrained_cfg["input_size"], generator=generator)
+    image_size = timm_input_size(model)
+    if image_size is not None:
+        return torch.randn(1, *image_size, generator=generator)
     config = getattr(model, "config", None)
     main_input = getattr(model, "main_input_name", None)
     if config is not None and main_input == "input_ids":
@@ -104,9 +139,25 @@ def default_example_inputs(model: nn.Module) -> Union[torch.Tensor, dict[str, to
         size = getattr(config, "image_size", 224)
         return {"pixel_values": torch.randn(1, getattr(config, "num_channels", 3), size, size, generator=generator)}
     raise ValueError(
-        f"Cannot build an example input for {type(model).__name__}; pass example_inputs= (a tensor, a tuple of "
+        f"Cannot build an example input for {_model_name(model)}; pass example_inputs= (a tensor, a tuple of "
         "positional inputs, or a dict of keyword inputs) to patch_model."
     )
+
+
+def _model_name(model: nn.Module) -> str:
+    """The model's class, with its timm architecture or HF model type when it has one (for error messages)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    architecture = pretrained_cfg.get("architecture") if isinstance(pretrained_cfg, dict) else None
+    architecture = architecture or getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__} ({architecture!r})" if architecture else type(model).__name__
+
+
+def _shapes(inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return {key: _shapes(value) for key, value in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(_shapes(value) for value in inputs)
+    return tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -172,13 +223,30 @@ def _probe(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str,
         model.eval()
         try:
             with torch.no_grad():
-                _call(model, example_inputs if example_inputs is not None else default_example_inputs(model))
+                if example_inputs is not None:
+                    _call(model, example_inputs)
+                else:
+                    _probe_with_default_inputs(model)
         finally:
             model.train(was_training)
     finally:
         for handle in handles:
             handle.remove()
     return calls
+
+
+def _probe_with_default_inputs(model: nn.Module) -> None:
+    """Run the probe on :func:`default_example_inputs`; a failure inside the model becomes a ``ValueError`` that
+    names the model and the input tried and asks for ``example_inputs`` (never a bare assertion from the model)."""
+    inputs = default_example_inputs(model)
+    try:
+        _call(model, inputs)
+    except Exception as error:
+        raise ValueError(
+            f"The probe forward pass of {_model_name(model)} failed on the example input built for it (shape "
+            f"{_shapes(inputs)}): {type(error).__name__}: {error}. The model's input could not be inferred; pass "
+            "example_inputs= (one small batch the model accepts) to patch_model."
+        ) from error
 
 
 class _ResetSharedCalls:
@@ -209,6 +277,8 @@ def patch_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module; got {type(model).__name__}.")
+    if hasattr(model, FOLD_ATTR):
+        raise ValueError(_FOLDED.format(type(model).__name__))
     if is_patched(model):
         raise ValueError(
             "This model is already patched; patching twice is not allowed. Use gated_modules(model) to reach "
@@ -266,6 +336,8 @@ def is_patched(model: nn.Module) -> bool:
 def patch_state(model: nn.Module) -> PatchState:
     """The :class:`PatchState` of a patched model; ``ValueError`` if it was never patched."""
     state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, PatchState) and hasattr(model, FOLD_ATTR):
+        raise ValueError(_FOLDED.format(type(model).__name__))
     if not isinstance(state, PatchState):
         raise ValueError(f"{type(model).__name__} is not patched; call hf_linearize.patch_model(model) first.")
     return state
@@ -319,7 +391,8 @@ Selection = Union[float, Mapping[str, Union[float, torch.Tensor]]]
 
 @torch.no_grad()
 def set_linear(model: nn.Module, selection: Selection, seed: int = 0) -> int:
-    """Force chosen units to exactly linear (gate = 1). Returns the number of units set.
+    """Force chosen units to exactly linear (gate = 1). Returns how many of them became linear: units that were
+    linear already (gate >= 1 - ``linear_threshold``) are set to exactly 1 but not counted.
 
     ``selection`` is a fraction in [0, 1] applied to every gated layer (that many units, chosen at random with
     ``seed``), or a mapping from gated-module name (as yielded by :func:`gated_modules`) to a fraction or to a
@@ -334,6 +407,7 @@ def set_linear(model: nn.Module, selection: Selection, seed: int = 0) -> int:
     if unknown:
         raise KeyError(f"Not gated module name(s) {unknown[:5]}; names come from gated_modules(model).")
     generator = torch.Generator().manual_seed(seed)
+    already_linear = linear_units(model)
     count = 0
     for name, choice in selection.items():
         alpha = gates[name].alpha
@@ -348,7 +422,7 @@ def set_linear(model: nn.Module, selection: Selection, seed: int = 0) -> int:
             mask[torch.randperm(alpha.numel(), generator=generator)[: round(choice * alpha.numel())]] = True
             mask = mask.to(alpha.device)
         alpha[mask] = 1.0
-        count += int(mask.sum())
+        count += int((mask & ~already_linear[name].to(mask.device)).sum())
     return count
 
 
@@ -369,13 +443,19 @@ class GateSummary(dict):
         return "\n".join(lines)
 
 
+def linear_units(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per gated site (as :func:`gated_modules` names it), the bool mask ``[channels]`` of its linear units:
+    gate >= 1 - ``linear_threshold``. The one rule that ``summary`` and ``fold`` share."""
+    threshold = patch_state(model).config.linear_threshold
+    return {name: gate.alpha.detach() >= 1.0 - threshold for name, gate in gated_modules(model)}
+
+
 def summary(model: nn.Module) -> GateSummary:
     """Per gated layer: units, linear units (gate >= 1 - ``linear_threshold``) and nonlinear units, plus totals."""
-    threshold = patch_state(model).config.linear_threshold
     layers = {}
-    for name, gate in gated_modules(model):
-        linear = int((gate.alpha.detach() >= 1.0 - threshold).sum())
-        layers[name] = {"units": gate.channels, "linear": linear, "nonlinear": gate.channels - linear}
+    for name, mask in linear_units(model).items():
+        linear = int(mask.sum())
+        layers[name] = {"units": mask.numel(), "linear": linear, "nonlinear": mask.numel() - linear}
     total = {key: sum(v[key] for v in layers.values()) for key in ("units", "linear", "nonlinear")}
     total["nonlinear_fraction"] = total["nonlinear"] / total["units"] if total["units"] else 0.0
     return GateSummary(family=patch_state(model).family, layers=layers, total=total)

@@ -25,11 +25,19 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
-from .config import LinearizeConfig, check_schedule
+from .config import (
+    BUDGET_METRICS,
+    DEFAULT_APL_BUDGET_SCALE_RATIO,
+    DEFAULT_FRACTION_BUDGET_SCALE,
+    LAMBDA_BOUNDS,
+    LinearizeConfig,
+    Schedule,
+    check_schedule,
+)
 
 __all__ = [
     "BudgetController",
@@ -44,8 +52,11 @@ __all__ = [
 ]
 
 Alphas = Sequence[torch.Tensor]
-Position = Union[int, float, None]
+Position = Schedule
 """A training position: an int is an optimizer step (>= 0); a float in [0, 1] is a fraction of all steps."""
+
+_DEFAULTS = LinearizeConfig()
+"""The default settings: keyword defaults below are read from it, so that each lives in `LinearizeConfig` only."""
 
 _SLACK = 1e-6
 """A measured budget value within this of the target counts as at the target (absorbs float rounding)."""
@@ -340,20 +351,21 @@ class BudgetController:
         target: value of the budget metric to reach.
         init_lambda: starting lambda (> 0), e.g. ``prior_lambda`` or 1.0.
         gain: log-lambda step per update at full error.
-        scale: error (metric units) at which the law saturates; None = 5% of the first measured value.
+        scale: error (metric units) at which the law saturates; None = ``DEFAULT_APL_BUDGET_SCALE_RATIO`` (5%) of
+            the first measured value.
         tolerance: ``reached_step`` is the first step with ``|measured - target| <= tolerance``.
-        lambda_min, lambda_max: bounds of the stored lambda.
+        lambda_min, lambda_max: bounds of the stored lambda (default ``config.LAMBDA_BOUNDS``).
     """
 
     def __init__(
         self,
         target: float,
         init_lambda: float = 1.0,
-        gain: float = 0.01,
+        gain: float = _DEFAULTS.budget_gain,
         scale: Optional[float] = None,
-        tolerance: float = 0.02,
-        lambda_min: float = 1e-6,
-        lambda_max: float = 1e6,
+        tolerance: float = _DEFAULTS.budget_tolerance,
+        lambda_min: float = LAMBDA_BOUNDS[0],
+        lambda_max: float = LAMBDA_BOUNDS[1],
     ) -> None:
         if not 0.0 < lambda_min <= init_lambda <= lambda_max < math.inf:
             raise ValueError(
@@ -391,7 +403,7 @@ class BudgetController:
         if not math.isfinite(measured):
             raise ValueError(f"Measured budget metric is not finite: {measured}.")
         if self.scale is None:
-            self.scale = max(0.05 * abs(measured), 1e-6)
+            self.scale = max(DEFAULT_APL_BUDGET_SCALE_RATIO * abs(measured), 1e-6)
         self.last_measured = measured
         err = measured - self.target
         step_size = self.gain * max(-1.0, min(1.0, err / self.scale))
@@ -403,13 +415,13 @@ class BudgetController:
     @classmethod
     def from_config(cls, config: LinearizeConfig) -> BudgetController:
         """The controller of ``config.budget_target``: starts at ``prior_lambda`` (0 = 1.0) with ``budget_gain``,
-        ``budget_tolerance`` and ``budget_scale`` (None = 0.05 for a nonlinear fraction, else 5% of the first
-        measurement)."""
+        ``budget_tolerance`` and ``budget_scale`` (None = ``DEFAULT_FRACTION_BUDGET_SCALE`` for a nonlinear
+        fraction, else ``DEFAULT_APL_BUDGET_SCALE_RATIO`` of the first measurement)."""
         if config.budget_target is None:
             raise ValueError("LinearizeConfig.budget_target is None; set it to use a budget controller.")
         scale = config.budget_scale
         if scale is None and config.budget_metric == "nonlinear_fraction":
-            scale = 0.05
+            scale = DEFAULT_FRACTION_BUDGET_SCALE
         return cls(config.budget_target, init_lambda=config.prior_lambda or 1.0, gain=config.budget_gain,
                    scale=scale, tolerance=config.budget_tolerance)
 
@@ -443,18 +455,16 @@ class GateRegularizer:
         self,
         alphas: Alphas,
         schedule: PriorSchedule,
-        eps: float = 1e-3,
-        freeze_linear: bool = True,
+        eps: float = _DEFAULTS.linear_threshold,
+        freeze_linear: bool = _DEFAULTS.freeze_linear,
         controller: Optional[BudgetController] = None,
-        budget_metric: str = "nonlinear_fraction",
+        budget_metric: str = _DEFAULTS.budget_metric,
         measure: Optional[Callable[[], float]] = None,
     ) -> None:
         _check_alphas(alphas)
         schedule._steps()
-        if budget_metric not in ("nonlinear_fraction", "normalized_apl"):
-            raise ValueError(
-                f"budget_metric={budget_metric!r} is unknown; use 'nonlinear_fraction' or 'normalized_apl'."
-            )
+        if budget_metric not in BUDGET_METRICS:
+            raise ValueError(f"budget_metric={budget_metric!r} is unknown; use one of {BUDGET_METRICS}.")
         if controller is not None and budget_metric == "normalized_apl" and measure is None:
             raise ValueError("A normalized_apl budget needs `measure`, a callable returning the normalized APL.")
         self.alphas = list(alphas)

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 import hf_linearize as hl
-from hf_linearize.arguments import load_yaml, parse_with_config
+from hf_linearize.arguments import LinearizeArguments, load_yaml, parse_with_config
 from hf_linearize.training_plots import plot_training_curves
 from hf_linearize.translation.data import (
     filter_pairs,
@@ -72,30 +72,6 @@ class DataArguments:
     max_words: int = field(default=100, metadata={"help": "drop training pairs with a longer side"})
     max_source_length: int = 128
     max_target_length: int = 128
-
-
-@dataclass
-class LinearizeArguments:
-    prior_lambda: float = 0.0
-    prior_start: str = field(default="0", metadata={"help": "int step or float fraction of training"})
-    prior_warmup: str = "0"
-    freeze_gates_after: Optional[str] = None
-    gate_lr: Optional[float] = None
-    gate_init: float = 0.0
-    linear_threshold: float = 1e-3
-    budget_target: Optional[float] = None
-    budget_metric: str = "nonlinear_fraction"
-
-    def to_config(self) -> hl.LinearizeConfig:
-        def position(value: Any) -> Any:
-            if value is None or isinstance(value, (int, float)):
-                return value
-            return float(value) if any(c in str(value) for c in ".eE") else int(value)
-
-        values = asdict(self)
-        for key in ("prior_start", "prior_warmup", "freeze_gates_after"):
-            values[key] = position(values[key])
-        return hl.LinearizeConfig(**values)
 
 
 @dataclass
@@ -152,8 +128,11 @@ def build_model(args: ModelArguments, corpus: datasets.DatasetDict, training: Se
 def tokenize(corpus: datasets.DatasetDict, tokenizer, model_args: ModelArguments, data: DataArguments,
              training: Seq2SeqTrainingArguments) -> datasets.DatasetDict:
     def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
-        return tokenizer([model_args.source_prefix + s for s in batch["source"]], text_target=batch["target"],
-                         max_length=data.max_source_length, truncation=True)
+        encoded = tokenizer([model_args.source_prefix + s for s in batch["source"]],
+                            max_length=data.max_source_length, truncation=True)
+        encoded["labels"] = tokenizer(text_target=batch["target"], max_length=data.max_target_length,
+                                      truncation=True)["input_ids"]
+        return encoded
 
     with training.main_process_first(desc="tokenize"):
         return corpus.map(encode, batched=True, remove_columns=["source", "target"], desc="Tokenizing")
@@ -162,8 +141,16 @@ def tokenize(corpus: datasets.DatasetDict, tokenizer, model_args: ModelArguments
 def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer,
               evaluation: EvalArguments) -> tuple[list[str], int]:
     """Beam-search translations of ``dataset`` (all ranks take part and get all outputs), and how many of them
-    stopped at ``max_new_tokens`` instead of at end-of-sentence."""
-    output = trainer.predict(dataset, num_beams=evaluation.num_beams, max_new_tokens=evaluation.max_new_tokens)
+    stopped at ``max_new_tokens`` instead of at end-of-sentence.
+
+    The limits go into the model's generation config, not into ``predict``'s keyword arguments: after its first
+    batch ``Seq2SeqTrainer`` fills unset config fields with defaults (``max_length`` 20), and a ``max_new_tokens``
+    passed next to that would clash with it. An encoder-decoder's ``max_length`` counts the decoder start token.
+    """
+    generation = trainer.model.generation_config
+    generation.num_beams, generation.max_length = evaluation.num_beams, evaluation.max_new_tokens + 1
+    generation.max_new_tokens = None
+    output = trainer.predict(dataset)
     # Under DDP, even batches repeat samples from the start of the dataset at the end; drop them.
     ids = torch.as_tensor(output.predictions)[: len(dataset)]
     ids = torch.where(ids < 0, tokenizer.pad_token_id, ids)

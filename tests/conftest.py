@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.resources
 import ipaddress
 import os
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +21,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+MULTI30K = Path(__file__).resolve().parents[1] / "data" / "multi30k"
 
 _SEQ2SEQ_DIMS = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=20, max_position_embeddings=32)
@@ -81,6 +83,17 @@ FAMILY_CASES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 }
 """Family name -> factory of ``(model in train mode, example inputs)``. Seeded by the ``family_case`` fixture."""
 
+GLU_FFN_CASES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
+    "llama": _hf(tf.LlamaForCausalLM,
+                 tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32),
+                 lambda: {"input_ids": _seq2seq_inputs()["input_ids"]}),
+    "timm_eva": lambda: (timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=5, img_size=28,
+                                           depth=2), _image(28)),
+}
+"""Gated FFNs the README names beyond FAMILY_CASES: LLaMA-style ``gate_proj``/``up_proj`` (generic family, no path
+graph) and EVA-02 (timm ``GluMlp``). Tested in test_patching, test_core_map and test_hub."""
+
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -139,3 +152,31 @@ def run(model: nn.Module, inputs: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous port of a multi-process test run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SUBPROCESS_TIMEOUT_S = 900
+"""Hang guard of `run_subprocess`: far above what any test's subprocess needs on 2 CPU cores."""
+
+
+def run_subprocess(command: list[str], timeout: float = SUBPROCESS_TIMEOUT_S,
+                   **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, **kwargs)`` in a session of its own. A run that
+    outlives ``timeout`` seconds (a hang) is killed with every process it started (``accelerate launch``'s
+    workers too), and the test fails showing the output so far."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{command[:4]}... did not finish within {timeout} s (killed):\n{stdout[-2000:]}\n"
+                        f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -138,3 +138,76 @@ def test_shared_sites_cycle_and_reset():
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GatedActivation(nn.ReLU(), 4, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ affine targets
+@pytest.mark.parametrize("channel_dim, shape", [(-1, (3, 5, 6)), (1, (3, 6, 4, 4))])
+def test_affine_target_is_exact_at_both_ends(channel_dim, shape):
+    x = torch.randn(*shape) * 3
+    slope, offset = torch.linspace(-1, 2, 6), torch.linspace(0.5, -0.5, 6)
+    gate = GatedActivation(nn.GELU(), 6, channel_dim=channel_dim)
+    gate.set_targets(slope, offset)
+    view = (-1,) + (1,) * (len(shape) - 2) if channel_dim == 1 else (6,)
+    assert torch.equal(gate(x), nn.functional.gelu(x))
+    gate.alpha.data.fill_(1.0)
+    assert torch.equal(gate(x), torch.addcmul(offset.view(view), x, slope.view(view)))
+    gate.alpha.data.fill_(0.3)
+    torch.testing.assert_close(gate(x), 0.3 * (slope.view(view) * x + offset.view(view))
+                               + 0.7 * nn.functional.gelu(x))
+
+
+def test_affine_glu_target_is_a_constant():
+    u = torch.randn(4, 6)
+    gate = GatedActivation(nn.SiLU(), 6, kind="glu", init=1.0)
+    offset = torch.arange(6.0)
+    gate.set_targets(offset=offset)
+    assert torch.equal(gate(u), offset.expand(4, 6))
+    with pytest.raises(ValueError, match="constant q"):
+        gate.set_targets(slope=torch.full((6,), 2.0))
+    assert torch.equal(gate.target_slope, torch.ones(6))
+
+
+def test_default_targets_give_the_same_bits_and_flag():
+    x = torch.randn(5, 6)
+    gate = GatedActivation(nn.GELU(), 6, init=0.4)
+    before = gate(x)
+    gate.set_targets(torch.ones(6), torch.zeros(6))
+    assert not gate._affine and torch.equal(gate(x), before)
+    gate.set_targets(offset=torch.full((6,), 0.1))
+    assert gate._affine and not torch.equal(gate(x), before)
+
+
+@pytest.mark.parametrize("kind", ["elementwise", "glu"])
+def test_affine_gradients_match_autograd_of_the_formula(kind):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    gate = GatedActivation(nn.GELU(), 6, kind=kind).double()
+    gate.alpha.data = torch.rand(6, dtype=torch.float64)
+    gate.set_targets(offset=torch.randn(6))
+    if kind == "elementwise":
+        gate.set_targets(slope=torch.randn(6))
+    g = torch.randn(3, 7, 6, dtype=torch.float64)
+    gate(x).backward(g)
+    fused = (x.grad.clone(), gate.alpha.grad.clone())
+    x.grad = gate.alpha.grad = None
+    a, p, q = gate.alpha, gate.target_slope, gate.target_offset
+    target = q.expand_as(x) if kind == "glu" else p * x + q
+    (a * target + (1 - a) * nn.functional.gelu(x)).backward(g)
+    torch.testing.assert_close(fused[0], x.grad)
+    torch.testing.assert_close(fused[1], gate.alpha.grad)
+
+
+def test_targets_are_saved_and_old_state_dicts_load():
+    gate = GatedActivation(nn.ReLU(), 4, init=1.0)
+    gate.set_targets(torch.full((4,), 0.5), torch.full((4,), 0.25))
+    state = gate.state_dict()
+    assert set(state) == {"alpha", "target_slope", "target_offset"}
+    fresh = GatedActivation(nn.ReLU(), 4)
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 4)
+    assert fresh._affine and torch.equal(fresh(x), gate(x))
+    old = GatedActivation(nn.ReLU(), 4)
+    old.load_state_dict({"alpha": torch.ones(4)})  # format 1: gates only, default targets
+    assert not old._affine and torch.equal(old(x), x)
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        gate.set_targets(torch.ones(3))

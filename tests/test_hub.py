@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
+import huggingface_hub
 import pytest
+import safetensors.torch
 import timm
 import torch
 import transformers as tf
-from conftest import FAMILY_CASES, run
+from conftest import FAMILY_CASES, GLU_FFN_CASES, run
 from hub_server import LocalHub, hub_env
 from huggingface_hub import ModelCard, create_repo, upload_folder
 
@@ -63,6 +65,20 @@ def test_save_load_timm_exact(tmp_path, linearized_resnet):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("case", ["llama", "timm_eva"])
+def test_save_load_gated_ffn_models_exact(tmp_path, case):
+    """LLaMA (transformers, untied lm_head) and EVA-02 (timm, rotary embeddings) load strictly and exactly."""
+    torch.manual_seed(0)
+    model, inputs = GLU_FFN_CASES[case]()
+    hl.patch_model(model.eval())
+    hl.set_linear(model, 0.5, seed=2)
+    hl.save_pretrained(model, tmp_path)
+    loaded = hl.from_pretrained(tmp_path)
+    _assert_bit_identical(loaded, model)
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
 def test_metadata_is_measured_on_the_saved_model(tmp_path, linearized_marian):
     model, _ = linearized_marian
     hl.save_pretrained(model, tmp_path, metrics={"bleu": 12.5})
@@ -93,6 +109,9 @@ def test_model_card_yaml_parses_back(tmp_path, linearized_marian):
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert metrics == {"bleu": 12.5, "chrf": 40.0}
     assert "still nonlinear" in card.text and f"{pl['normalized_apl']:.3f}" in card.text
+    # Links only to what exists, and the usage snippet names this folder.
+    assert "github.com" not in card.text and "https://huggingface.co/Helsinki-NLP/opus-mt-en-de" in card.text
+    assert f'hl.from_pretrained("{tmp_path}")' in card.text and "REPO_ID" not in card.text
 
 
 def test_plain_transformers_load_warns_about_the_gates(tmp_path, linearized_marian, caplog):
@@ -120,6 +139,7 @@ def test_push_and_load_round_trip_with_revision_pin(tmp_path, linearized_marian,
             assert torch.equal(hl.from_pretrained("user/resnet-lin")(x), resnet(x))
         card = ModelCard.load("user/marian-lin")
         assert card.data.to_dict()["path_length"]["linear_units"] == hl.summary(marian)["total"]["linear"]
+        assert 'hl.from_pretrained("user/marian-lin")' in card.text
 
         before = hl.summary(marian)
         hl.set_linear(marian, 1.0)
@@ -128,18 +148,35 @@ def test_push_and_load_round_trip_with_revision_pin(tmp_path, linearized_marian,
         assert hl.summary(hl.from_pretrained("user/marian-lin", revision=first)) == before
 
 
+def _assert_bit_identical(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Same state (every tensor, gates included, bit for bit) and the same summary."""
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert list(got) == list(expected)
+    different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
+    assert not different, f"tensors differ after reload: {different[:5]}"
+    assert hl.summary(loaded) == hl.summary(model)
+
+
 def test_push_failure_keeps_local_save(tmp_path, linearized_marian):
-    model, _ = linearized_marian
+    model, inputs = linearized_marian
     with LocalHub(token="secret") as hub, hub_env(hub, token="wrong"):
-        with pytest.raises(HubPushError, match="saved at"):
+        with pytest.raises(hl.HubPushError, match="saved at"):
             hl.push_to_hub(model, "user/denied", save_directory=tmp_path)
-    assert hl.from_pretrained(tmp_path) is not None
+    loaded = hl.from_pretrained(tmp_path)
+    _assert_bit_identical(loaded, model)
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
     with LocalHub() as hub, hub_env(hub):
         endpoint = hub.endpoint
     with hub_env(endpoint=endpoint):  # the server is gone: connection refused on loopback
         with pytest.raises(HubPushError, match=str(tmp_path / "second")):
             hl.push_to_hub(model, "user/gone", save_directory=tmp_path / "second")
-    assert (tmp_path / "second" / "model.safetensors").is_file()
+    _assert_bit_identical(hl.from_pretrained(tmp_path / "second"), model)
+
+
+def test_checkpoint_errors_are_exported():
+    assert hl.LinearizedCheckpointError is LinearizedCheckpointError and hl.HubPushError is HubPushError
+    assert {"LinearizedCheckpointError", "HubPushError"} <= set(hl.__all__)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -176,12 +213,12 @@ def test_weights_that_do_not_match_the_config(tmp_path, linearized_marian):
     hl.patch_model(other, hl.LinearizeConfig(exclude_modules=r".*decoder.*"))
     hl.save_pretrained(other, tmp_path / "other")
     (tmp_path / LINEARIZE_CONFIG_NAME).write_text((tmp_path / "other" / LINEARIZE_CONFIG_NAME).read_text())
-    with pytest.raises(LinearizedCheckpointError, match=r"gate tensors .*decoder.* belong to no site"):
+    with pytest.raises(LinearizedCheckpointError, match=r"unexpected model\.decoder\.layers\.0\.activation_fn\.alpha"):
         hl.from_pretrained(tmp_path)
     (tmp_path / "other" / "model.safetensors").replace(tmp_path / "model.safetensors")
     hl.save_pretrained(model, tmp_path / "third")
     (tmp_path / "model.safetensors").replace(tmp_path / "third" / "model.safetensors")
-    with pytest.raises(LinearizedCheckpointError, match="decoder.layers.0.activation_fn.alpha expected shape"):
+    with pytest.raises(LinearizedCheckpointError, match=r"missing model\.decoder\.layers\.0\.activation_fn\.alpha"):
         hl.from_pretrained(tmp_path / "third")
 
 
@@ -212,3 +249,126 @@ def test_recorded_sites_that_the_model_does_not_have(tmp_path, linearized_marian
     (tmp_path / LINEARIZE_CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(LinearizedCheckpointError, match="do not belong together"):
         hl.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ strict loading
+def _edit_weights(directory, edit) -> None:
+    """Apply ``edit`` (in place, on the dict of tensors) to ``directory/model.safetensors``."""
+    file = directory / "model.safetensors"
+    state = safetensors.torch.load_file(str(file))
+    edit(state)
+    safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def test_a_missing_base_weight_is_named(tmp_path, linearized_marian, caplog):
+    """The review's case: without this check the weight was freshly initialised and the logits drifted by 4e-3."""
+    model, inputs = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    _edit_weights(tmp_path, lambda state: state.pop("model.decoder.layers.0.fc1.weight"))
+    with pytest.raises(LinearizedCheckpointError, match=r"\(1 missing, 0 unexpected, 0 of the wrong shape\):\n"
+                                                        r"  missing model\.decoder\.layers\.0\.fc1\.weight\n"):
+        hl.from_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hf_linearize.hub"):
+        partial = hl.from_pretrained(tmp_path, allow_partial=True)
+    assert "allow_partial=True: missing model.decoder.layers.0.fc1.weight" in caplog.text
+    with torch.no_grad():
+        assert not torch.equal(run(partial, inputs), run(model, inputs))
+
+
+def test_unexpected_and_wrongly_shaped_tensors_are_all_named(tmp_path, linearized_marian, caplog):
+    model, _ = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+
+    def damage(state):
+        state["model.encoder.layers.0.fc2.weight"] = state["model.encoder.layers.0.fc2.weight"][:, :-1].clone()
+        state["model.encoder.layers.1.activation_fn.alpha"] = torch.zeros(3)
+        state["model.encoder.extra_head.weight"] = torch.zeros(2)
+
+    _edit_weights(tmp_path, damage)
+    with pytest.raises(LinearizedCheckpointError) as error:
+        hl.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert "(0 missing, 1 unexpected, 2 of the wrong shape)" in message
+    assert "unexpected model.encoder.extra_head.weight" in message
+    assert "wrong shape model.encoder.layers.0.fc2.weight: file (16, 23), model (16, 24)" in message
+    assert "wrong shape model.encoder.layers.1.activation_fn.alpha: file (3,), model (24,)" in message
+    assert "allow_partial=True" in message
+    with caplog.at_level(logging.WARNING, logger="hf_linearize.hub"):
+        hl.from_pretrained(tmp_path, allow_partial=True)
+    assert sum("allow_partial=True" in r.message for r in caplog.records) == 3
+
+
+def test_tied_weights_that_transformers_leaves_out_are_not_missing(tmp_path, linearized_marian):
+    """Marian ties its embeddings and lm_head: the file holds model.shared.weight only, and that is complete."""
+    model, inputs = linearized_marian
+    assert model.config.tie_word_embeddings
+    hl.save_pretrained(model, tmp_path)
+    keys = set(safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
+    assert "model.shared.weight" in keys
+    assert not keys & {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+    loaded = hl.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.shared.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
+    _edit_weights(tmp_path, lambda state: state.pop("model.shared.weight"))
+    with pytest.raises(LinearizedCheckpointError, match=r"missing model\.shared\.weight"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_timm_loading_is_strict_too(tmp_path, linearized_resnet, caplog):
+    model, x = linearized_resnet
+    hl.save_pretrained(model, tmp_path)
+
+    def damage(state):
+        del state["layer1.0.conv1.weight"], state["act1.alpha"]
+        state["fc.extra"] = torch.zeros(1)
+        state["fc.bias"] = torch.zeros(3)
+
+    _edit_weights(tmp_path, damage)
+    with pytest.raises(LinearizedCheckpointError) as error:
+        hl.from_pretrained(tmp_path)
+    for line in ("missing act1.alpha", "missing layer1.0.conv1.weight", "unexpected fc.extra",
+                 "wrong shape fc.bias: file (3,), model (7,)"):
+        assert line in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="hf_linearize.hub"):
+        partial = hl.from_pretrained(tmp_path, allow_partial=True)
+    assert sum("allow_partial=True" in r.message for r in caplog.records) == 4
+    assert bool((partial.act1.alpha == 0).all()), "a missing gate keeps gate_init"
+
+
+# ------------------------------------------------------------------------------------------------ path or repo
+@pytest.mark.parametrize("name", ["./out/marian-lin", "out\\marian-lin", "out/a/b", "~/no-such-checkpoint"])
+def test_a_path_that_names_no_folder(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LinearizedCheckpointError) as error:
+        hl.from_pretrained(name)
+    message = str(error.value)
+    assert f"There is no local folder {name!r}" in message
+    assert f"{name!r} is not a Hub repo id" in message and f"no Hub repo {name!r} can be found" in message
+    assert "Check the path" in message and str(tmp_path) in message
+
+
+def test_a_missing_folder_that_could_be_a_repo_id_offline(tmp_path, monkeypatch):
+    """The README's own example path, with no such folder and no network: not an OfflineModeIsEnabled."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LinearizedCheckpointError) as error:
+        hl.from_pretrained("out/marian-lin")
+    message = str(error.value)
+    assert "There is no local folder 'out/marian-lin'" in message
+    assert "Hub repo 'out/marian-lin' (revision main) is not reachable or not found (OfflineModeIsEnabled" in message
+    assert "Check the path" in message
+
+
+def test_a_missing_folder_and_a_missing_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with LocalHub() as hub, hub_env(hub):
+        with pytest.raises(LinearizedCheckpointError, match=r"There is no local folder 'user/nothing' .*, and Hub repo "
+                                                            r"'user/nothing' .* not found \(RepositoryNotFoundError"):
+            hl.from_pretrained("user/nothing")
+
+
+def test_a_file_is_not_a_checkpoint_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(LinearizedCheckpointError, match="is a file, not a checkpoint folder"):
+        hl.from_pretrained(tmp_path / "model.safetensors")

@@ -100,6 +100,42 @@ def test_linear_glu_unit_is_linear_in_ffn_input(case):
         assert (ffn(x + y) - zero - (ffn(x) - zero) - (ffn(y) - zero)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("case, sites, width", [("llama", "model.layers.{}.mlp.act_fn", 24),
+                                                 ("timm_eva", "blocks.{}.mlp.act", 512)])
+def test_readme_gated_ffns_llama_and_eva(case, sites, width):
+    """The README's gated-FFN claims on a tiny LlamaForCausalLM (gate_proj/up_proj) and a timm EVA-02 (GluMlp):
+    one GLU gate per FFN, exact when fresh; all linear, each FFN is linear in its input; unpatch restores."""
+    from conftest import GLU_FFN_CASES
+
+    torch.manual_seed(0)
+    model, inputs = GLU_FFN_CASES[case]()
+    model.eval()
+    original = copy.deepcopy(model)
+    with torch.no_grad():
+        before = run(model, inputs)
+    hl.patch_model(model)
+    assert [(n, g.kind, g.channels) for n, g in hl.gated_modules(model)] == [
+        (sites.format(i), "glu", width) for i in range(2)]
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), before)
+    hl.set_linear(model, 1.0)
+    ffn = model.get_submodule(sites.format(0).rsplit(".", 1)[0]).double()
+    d = next(m for m in ffn.modules() if isinstance(m, nn.Linear)).in_features
+    x, y = torch.randn(3, 4, d, dtype=torch.float64), torch.randn(3, 4, d, dtype=torch.float64)
+    with torch.no_grad():
+        zero = ffn(torch.zeros_like(x))
+        torch.testing.assert_close(ffn(x + y) - zero, (ffn(x) - zero) + (ffn(y) - zero), atol=1e-9, rtol=0)
+        if case == "llama":  # h = act(gate_proj x) * up_proj x becomes up_proj x, exactly
+            assert torch.equal(ffn(x), ffn.down_proj(ffn.up_proj(x)))
+        assert not torch.equal(run(model.float(), inputs), before)
+    for _, gate in hl.gated_modules(model):
+        gate.alpha.data.zero_()
+    hl.unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), before)
+
+
 def test_gradients_reach_gates(marian):
     model, inputs = marian
     hl.patch_model(model, hl.LinearizeConfig(gate_init=0.3))
@@ -158,14 +194,35 @@ def test_shared_activation_gets_one_gate_per_call_site():
     hl.patch_model(model, example_inputs=x)
     block = model.layer1[0]
     assert isinstance(block.relu, hl.SharedGatedActivation) and len(block.relu.sites) == 2
-    # Linearizing only the second call site of block.relu changes only what follows the residual add.
     calls = []
     block.relu.sites[0].register_forward_hook(lambda m, a, o: calls.append(0))
     block.relu.sites[1].register_forward_hook(lambda m, a, o: calls.append(1))
-    with torch.no_grad():
-        model(x)
-        model(x)
+
+    def trace() -> dict[str, torch.Tensor]:
+        """Output of the first call site (conv2's input), input and output of the second (after the add), logits."""
+        seen: dict[str, torch.Tensor] = {}
+        handles = [
+            block.conv2.register_forward_pre_hook(lambda m, a: seen.update(first_out=a[0].clone())),
+            block.relu.sites[1].register_forward_hook(
+                lambda m, a, o: seen.update(second_in=a[0].clone(), second_out=o.clone())),
+        ]
+        with torch.no_grad():
+            seen["logits"] = model(x)
+        for handle in handles:
+            handle.remove()
+        return seen
+
+    before = trace()
+    assert calls == [0, 1]
+    # Linearizing only the second call site of block.relu changes only what follows the residual add.
+    assert hl.set_linear(model, {"layer1.0.relu.sites.1": 1.0}) == block.relu.sites[1].channels
+    after = trace()
     assert calls == [0, 1, 0, 1]
+    assert torch.equal(after["first_out"], before["first_out"]) and torch.equal(after["second_in"], before["second_in"])
+    assert torch.equal(after["second_out"], after["second_in"]), "a linear unit is the identity"
+    assert not torch.equal(before["second_out"], before["second_in"]) and (before["second_in"] < 0).any()
+    assert not torch.equal(after["logits"], before["logits"])
+    assert not block.relu.sites[0].alpha.any(), "the first call site's gates are untouched"
 
 
 def test_set_linear_masks_and_fractions(marian):
@@ -176,6 +233,11 @@ def test_set_linear_masks_and_fractions(marian):
     mask[[1, 5]] = True
     assert hl.set_linear(model, {name: mask}) == 2
     assert gate.alpha[1] == 1.0 and gate.alpha[5] == 1.0 and gate.alpha.sum() == 2.0
+    assert hl.set_linear(model, {name: mask}) == 0, "units that are linear already are not newly set"
+    gate.alpha.data[7] = 0.9995  # linear by linear_threshold (1e-3), though not exactly 1
+    mask[7] = True
+    assert hl.set_linear(model, {name: mask}) == 0 and gate.alpha[7] == 1.0
+    gate.alpha.data.zero_()
     assert hl.set_linear(model, 0.5) == sum(round(0.5 * g.channels) for _, g in hl.gated_modules(model))
     with pytest.raises(KeyError, match="gated_modules"):
         hl.set_linear(model, {"model.encoder.layers.0.fc1": 1.0})
@@ -294,3 +356,54 @@ def test_gate_rejects_wrong_width():
     gate = GatedActivation(nn.ReLU(), 4)
     with pytest.raises(RuntimeError, match="expects 4 channels"):
         gate(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "image"),
+    [
+        ("vit_tiny_patch16_224", dict(img_size=32, depth=2), (3, 32, 32)),
+        ("vit_tiny_patch16_224", dict(img_size=28, patch_size=4, depth=2), (3, 28, 28)),
+        ("deit_tiny_patch16_224", dict(img_size=28, patch_size=7, depth=2, in_chans=1), (1, 28, 28)),
+        ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), (3, 32, 32)),
+        ("resnet18", dict(in_chans=1), (1, 224, 224)),
+        ("convnext_atto", dict(in_chans=1), (1, 224, 224)),
+        ("swin_tiny_patch4_window7_224", dict(img_size=112, depths=(1, 1, 1, 1), embed_dim=24,
+                                              num_heads=(1, 1, 1, 1)), (3, 112, 112)),
+    ],
+)
+def test_timm_probe_input_follows_the_model_as_built(name, kwargs, image):
+    """No example_inputs: the probe image has the size and channels the model was created with."""
+    import timm
+
+    from hf_linearize.patching import timm_input_size
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4, **kwargs).eval()
+    assert model.pretrained_cfg["input_size"] != image or name in ("resnet18", "convnext_atto")
+    assert timm_input_size(model) == image
+    x = torch.randn(2, *image)
+    with torch.no_grad():
+        before = model(x)
+    hl.patch_model(model)
+    assert len(list(hl.gated_modules(model))) > 0
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_timm_input_that_cannot_be_inferred_asks_for_example_inputs():
+    """A model whose forward rejects the inferred probe gets an error naming it, not the model's assertion."""
+
+    class FixedSize(nn.Sequential):
+        pretrained_cfg = {"architecture": "fixed_size_net", "input_size": (3, 224, 224)}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[-1] == 40, f"Input width ({x.shape[-1]}) doesn't match model (40)."
+            return super().forward(x)
+
+    model = FixedSize(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
+    message = r"(?s)FixedSize \('fixed_size_net'\).*\(1, 3, 224, 224\).*pass example_inputs="
+    with pytest.raises(ValueError, match=message):
+        hl.patch_model(model)
+    assert not hl.is_patched(model)
+    hl.patch_model(model, example_inputs=torch.randn(1, 3, 40, 40))
+    assert [n for n, _ in hl.gated_modules(model)] == ["1"]

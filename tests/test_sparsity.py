@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from hf_linearize.config import LinearizeConfig
+from hf_linearize.config import (
+    DEFAULT_APL_BUDGET_SCALE_RATIO,
+    DEFAULT_FRACTION_BUDGET_SCALE,
+    LAMBDA_BOUNDS,
+    LinearizeConfig,
+)
 from hf_linearize.gates import GatedActivation
 from hf_linearize.sparsity import (
     BudgetController,
@@ -378,6 +383,30 @@ def test_controller_from_config() -> None:
     assert BudgetController.from_config(apl).scale is None
     with pytest.raises(ValueError, match="budget_target is None"):
         BudgetController.from_config(LinearizeConfig())
+
+
+def test_defaults_and_lambda_bounds_live_in_the_config() -> None:
+    """The controller's and regularizer's keyword defaults are LinearizeConfig's, and lambda saturates at exactly
+    the bounds that config.py declares."""
+    import inspect
+
+    defaults = LinearizeConfig()
+    controller = inspect.signature(BudgetController).parameters
+    assert (controller["gain"].default, controller["tolerance"].default) == (defaults.budget_gain,
+                                                                             defaults.budget_tolerance)
+    regularizer = inspect.signature(GateRegularizer).parameters
+    assert (regularizer["eps"].default, regularizer["freeze_linear"].default, regularizer["budget_metric"].default) == (
+        defaults.linear_threshold, defaults.freeze_linear, defaults.budget_metric)
+    assert BudgetController.from_config(LinearizeConfig(budget_target=0.4)).scale == DEFAULT_FRACTION_BUDGET_SCALE
+    low, high = LAMBDA_BOUNDS
+    up, down = BudgetController(0.0, init_lambda=1.0, gain=5.0), BudgetController(1.0, init_lambda=1.0, gain=5.0)
+    for step in range(10):
+        up.update(1.0, step)
+        down.update(0.9, step)
+    assert up.lam == pytest.approx(high, rel=1e-12) and math.exp(down.log_lambda) == pytest.approx(low, rel=1e-12)
+    apl = BudgetController(1.0)
+    apl.update(4.0, 0)
+    assert apl.scale == pytest.approx(DEFAULT_APL_BUDGET_SCALE_RATIO * 4.0)
 
 
 # --- resume --------------------------------------------------------------------------------------------

