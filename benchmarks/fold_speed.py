@@ -20,7 +20,8 @@ ratio is the median over repetitions of gated time / folded time of the same rep
 by ``torch.utils.flop_counter`` on the same workload; the FFN row from the fold report's MACs) is printed.
 Targets at 90%: FFN >= 4.5x, forward >= 1.6x, generate >= 1.2x; at 0% the folded model at most 1.03x slower.
 
-Run from the repository root: ``python -m benchmarks.fold_speed [--reps 3] [--threads 1 2]``.
+Run from the repository root: ``python -m benchmarks.fold_speed [--reps 3] [--threads 1 2] [--densities 0 0.9]
+[--no_vision]``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def compare(gated: Callable[[], Any], folded: Callable[[], Any], reps: int, warm
     return {"speedup": 1 / result["ratio"], "gated_ms": 1e3 * result["base"], "folded_ms": 1e3 * result["patched"]}
 
 
-def marian_rows(threads: list[int], reps: int, warmup: int) -> bool:
+def marian_rows(densities: list[float], threads: list[int], reps: int, warmup: int) -> bool:
     torch.manual_seed(0)
     base = marian_base()
     ok = True
@@ -113,7 +114,7 @@ def marian_rows(threads: list[int], reps: int, warmup: int) -> bool:
           "| generate x (FLOPs x) | gated ms (FFN / fwd / gen) |")
     print("|---|---|---|---|---|---|---|")
     gated = hl.patch_model(base)
-    for density in DENSITIES:
+    for density in densities:
         for _, gate in hl.gated_modules(gated):
             gate.alpha.data.zero_()
         hl.set_linear(gated, density, seed=0)
@@ -165,12 +166,16 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                         help="torch thread counts to measure (default: 1 and all cores)")
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+                        help="fractions of linear FFN units (default: 0 0.5 0.75 0.9 1)")
+    parser.add_argument("--no_vision", action="store_true", help="skip the ResNet-18 and ViT-Tiny rows")
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; {args.reps} interleaved repetitions after "
           f"{args.warmup} warm-up; speed-up = median of gated/folded time (FLOP ratio in brackets)\n")
-    ok = marian_rows(args.threads, args.reps, args.warmup)
-    vision_rows(args.threads, args.reps, args.warmup)
+    ok = marian_rows(args.densities, args.threads, args.reps, args.warmup)
+    if not args.no_vision:
+        vision_rows(args.threads, args.reps, args.warmup)
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

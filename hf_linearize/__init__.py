@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .calibration import CalibrationStats, OneShotReport, calibrate, linearize_one_shot, one_shot, reconstruct
 from .config import LinearizeConfig
 from .core_map import (
     average_path_length,
@@ -31,6 +32,12 @@ from .trainer import (
 )
 
 __all__ = [
+    "CalibrationStats",
+    "OneShotReport",
+    "calibrate",
+    "linearize_one_shot",
+    "one_shot",
+    "reconstruct",
     "FoldReport",
     "GateSummary",
     "GatedActivation",

@@ -156,3 +156,26 @@ LinearizeArguments.__doc__ = (
     "``--exclude_modules`` take a regex (``'.*decoder.*'``) or a YAML list of name suffixes (``'[fc1, fc2]'``); "
     "``--extra`` takes a YAML/JSON mapping. `to_config()` returns the `LinearizeConfig`."
 )
+
+
+@dataclasses.dataclass
+class OneShotArguments:
+    """Recipe flags for post-training linearization (:func:`hf_linearize.one_shot`) before, or instead of,
+    training; training then continues with the linear units frozen (a recovery fine-tune)."""
+
+    one_shot_budget: Optional[float] = dataclasses.field(default=None, metadata={
+        "help": "linearize in one shot before training, keeping this fraction of units nonlinear (e.g. 0.1)"})
+    one_shot_target: str = dataclasses.field(default="affine", metadata={"help": "affine (p x + q) or identity"})
+    one_shot_score: str = dataclasses.field(default="sensitivity", metadata={"help": "sensitivity or residual"})
+    one_shot_compensate: bool = dataclasses.field(default=True, metadata={
+        "help": "re-fit each FFN's output projection against the model before linearization"})
+    calibration_batches: int = dataclasses.field(default=16, metadata={
+        "help": "training batches (of per_device_eval_batch_size, the first ones, unshuffled) to calibrate on"})
+    train: bool = dataclasses.field(default=True, metadata={
+        "help": "train after the one-shot step (false: only linearize and score)"})
+
+    def __post_init__(self) -> None:
+        if self.one_shot_budget is not None and not 0.0 <= self.one_shot_budget <= 1.0:
+            raise ValueError(f"--one_shot_budget {self.one_shot_budget} must be a nonlinear fraction in [0, 1].")
+        if self.calibration_batches < 1:
+            raise ValueError(f"--calibration_batches {self.calibration_batches} must be at least 1.")

@@ -18,7 +18,9 @@ Per site, the cheaper of two forms is kept (MACs per position, i.e. per token or
   bare activation again (no gate cost).
 
 Nonlinear units keep their gate values: a unit with ``0 < a < 1`` stays in ``N`` and still computes
-``a x + (1 - a) act(x)``. A site that no :class:`~hf_linearize.families.FoldRule` of its family fits (CNNs, MLPs with
+``a x + (1 - a) act(x)``. A unit with ``1 - linear_threshold <= a < 1`` counts as linear (``summary``'s rule; the
+trainer snaps such units to exactly 1) and folds as the identity, which changes its output by at most
+``linear_threshold * |act(x) - x|``. A site that no :class:`~hf_linearize.families.FoldRule` of its family fits (CNNs, MLPs with
 a norm between their projections, shared activations) stays gated, with the reason in :func:`fold_report`.
 
 The folded projections are ordinary ``nn.Linear``/``nn.Conv2d`` modules inside :class:`FoldedInput` (the
@@ -26,6 +28,10 @@ nonlinear part plus the input carried through for ``M``) and :class:`FoldedGluFF
 modules in place, so the folded model stays a transformers/timm model (``generate``, ``torch.compile`` and
 ``torch.export`` work). Folding is exact in eval mode: a dropout that the owner applies between the projections
 (train mode only) would also hit the carried input.
+
+The folded model records its :class:`FoldState`: the report, the *plan* (which units were linear, which sites
+kept gates) and the gated model's summary and path lengths. ``hub.save_pretrained`` writes a folded model as the
+``"folded"`` variant of the linearized checkpoint, and ``from_pretrained`` rebuilds it with :func:`refold`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .families import FamilySpec, FoldRule, family_by_name
 from .gates import GatedActivation
-from .patching import FOLD_ATTR, STATE_ATTR, _call, default_example_inputs, gated_modules, linear_units, patch_state
+from .patching import (
+    FOLD_ATTR,
+    STATE_ATTR,
+    _call,
+    default_example_inputs,
+    gated_modules,
+    linear_units,
+    patch_state,
+    summary,
+)
 
 Projection = Union[nn.Linear, nn.Conv2d]
 
@@ -151,6 +166,13 @@ class FoldState:
     """What ``fold`` records on the folded model (as ``model._hf_linearize_fold``)."""
 
     report: FoldReport
+    plan: dict[str, Any]
+    """What :func:`refold` needs to rebuild the folded structure from the gated architecture (JSON-ready):
+    ``linear_units`` (site -> indices of its linear units) and ``kept_gates`` (sites whose nonlinear units keep a
+    gate because some of their gate values are above 0)."""
+    source: dict[str, Any]
+    """The gated model's ``family``, ``linearize_config`` (dict), ``sites`` (name -> units), ``summary`` and
+    ``path_length`` report (None where the family has no path graph), as measured at fold time."""
 
 
 def is_folded(model: nn.Module) -> bool:
@@ -159,9 +181,7 @@ def is_folded(model: nn.Module) -> bool:
 
 def fold_report(model: nn.Module) -> FoldReport:
     """The :class:`FoldReport` of a model returned by :func:`fold`; ``ValueError`` for any other model."""
-    if not is_folded(model):
-        raise ValueError(f"{type(model).__name__} is not folded; fold_report reads the model returned by fold(model).")
-    return getattr(model, FOLD_ATTR).report
+    return fold_state(model).report
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -397,6 +417,48 @@ def _run_counted(model: nn.Module, inputs: Any) -> tuple[torch.Tensor, int]:
     return out, counter.get_total_flops()
 
 
+def fold_state(model: nn.Module) -> FoldState:
+    """The :class:`FoldState` of a model returned by :func:`fold`; ``ValueError`` for any other model."""
+    if not is_folded(model):
+        raise ValueError(f"{type(model).__name__} is not folded; this needs the model returned by fold(model).")
+    return getattr(model, FOLD_ATTR)
+
+
+def _source(model: nn.Module) -> dict[str, Any]:
+    from .core_map import path_length_report
+
+    try:
+        path_length: Optional[dict[str, Any]] = path_length_report(model)
+    except NotImplementedError:
+        path_length = None
+    state = patch_state(model)
+    return {"family": state.family, "linearize_config": state.config.to_dict(),
+            "sites": {name: gate.channels for name, gate in gated_modules(model)}, "summary": dict(summary(model)),
+            "path_length": path_length}
+
+
+@torch.no_grad()
+def refold(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Fold a freshly patched ``model`` (any weights) into the structure that ``plan`` (:attr:`FoldState.plan`)
+    describes, for loading folded weights into it: linear units get gate 1, the nonlinear units of ``kept_gates``
+    sites a placeholder gate of 0.25 (nonlinear under any ``linear_threshold``; the loaded weights bring their real
+    values), all others 0. Totals in ``plan["total"]`` that folding does not recompute (the check forward's FLOPs,
+    a measured ``generate_speedup``) are copied into the new report."""
+    gates = dict(gated_modules(model))
+    unknown = sorted(set(plan["linear_units"]) - set(gates))
+    if unknown:
+        raise ValueError(f"The fold plan names sites this model does not have: {unknown[:5]}.")
+    for name, gate in gates.items():
+        gate.alpha.zero_()
+        if name in plan["kept_gates"]:
+            gate.alpha.fill_(0.25)
+        gate.alpha[torch.tensor(plan["linear_units"].get(name, []), dtype=torch.long)] = 1.0
+    folded = fold(model, verify=False)
+    for key, value in plan.get("total", {}).items():  # measurements the plan carries (FLOPs, a measured speed-up)
+        fold_report(folded)["total"].setdefault(key, value)
+    return folded
+
+
 def fold(model: nn.Module, example_inputs: Any = None, verify: bool = True) -> nn.Module:
     """A folded copy of the patched ``model``: same function, linear units merged away. ``model`` is untouched.
 
@@ -446,5 +508,8 @@ def fold(model: nn.Module, example_inputs: Any = None, verify: bool = True) -> n
                 )
     report = FoldReport(sites={s.site: {k: v for k, v in vars(s).items() if k != "site"} for s in sites},
                         total=total)
-    setattr(folded, FOLD_ATTR, FoldState(report))
+    plan = {"linear_units": {name: mask.nonzero().flatten().tolist() for name, mask in linear.items()},
+            "kept_gates": [name for name, gate in gated_modules(model)
+                           if bool(gate.alpha.detach()[~linear[name]].any())]}
+    setattr(folded, FOLD_ATTR, FoldState(report, plan, _source(model)))
     return folded

@@ -6,7 +6,9 @@ A checkpoint directory holds:
 ``config.json``             the base model's own config (transformers), or timm's ``config.json`` with
                             ``architecture`` and ``model_args`` (as ``timm.models.push_to_hf_hub`` writes it)
 ``linearize_config.json``   format version, library version, backend, family, ``LinearizeConfig``, the gated
-                            sites, and the gate summary and path lengths measured on the saved model
+                            sites, and the gate summary and path lengths measured on the saved model; for a
+                            folded model (``hl.fold``) also ``variant: "folded"`` and ``fold`` (the plan that
+                            rebuilds its structure, and the fold report's totals)
 ``model.safetensors``       every weight, gates included (``<site>.alpha``)
 ``README.md``               the model card (YAML metadata + prose), from ``model_cards/linearized_model.md``
 tokenizer / processor       when given
@@ -36,6 +38,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .config import LinearizeConfig
+from .folding import fold_state, is_folded, refold
 from .patching import gated_modules, patch_model, patch_state, summary
 
 FORMAT_VERSION = 1
@@ -89,6 +92,10 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
     """What goes into ``linearize_config.json``; every number is measured on ``model`` now."""
     from . import __version__
 
+    if is_folded(model):  # the gated model's numbers, recorded by fold, plus what rebuilds the folded structure
+        folded = fold_state(model)
+        return {"format_version": FORMAT_VERSION, "library_version": __version__, "backend": _require_backend(model),
+                **folded.source, "variant": "folded", "fold": {**folded.plan, "total": dict(folded.report["total"])}}
     state = patch_state(model)
     return {
         "format_version": FORMAT_VERSION,
@@ -144,7 +151,8 @@ def render_model_card(
     card_data = ModelCardData(
         base_model=base_model if base_model_on_hub else None,
         library_name="hf_linearize",
-        tags=["linearized", "average-path-length", "hf_linearize", metadata["backend"], metadata["family"]],
+        tags=["linearized", "average-path-length", "hf_linearize", metadata["backend"], metadata["family"]]
+        + (["folded"] if metadata.get("variant") == "folded" else []),
         datasets=[dataset] if dataset else None,
         language=language,
         model_name=model_name,
@@ -164,6 +172,7 @@ def render_model_card(
         family=metadata["family"],
         backend=metadata["backend"],
         library_version=metadata["library_version"],
+        fold=(metadata.get("fold") or {}).get("total"),
     )
 
 
@@ -370,6 +379,10 @@ def from_pretrained(
     warning instead (a missing one keeps its fresh initialisation, a missing gate its ``gate_init``). Also raises
     :class:`LinearizedCheckpointError` for a missing/corrupt/too-new ``linearize_config.json``, and when
     ``name_or_path`` is neither a local folder nor a reachable Hub repo (naming both).
+
+    A checkpoint of a folded model (``"variant": "folded"``) comes back folded, bit-identical to the saved model:
+    the gated architecture is rebuilt, refolded by its saved plan (:func:`~hf_linearize.folding.refold`), and every
+    tensor loaded into it. An unknown variant raises :class:`LinearizedCheckpointError`.
     """
     directory = _checkpoint_directory(name_or_path, revision, token)
     metadata = read_checkpoint_metadata(directory)
@@ -394,7 +407,19 @@ def from_pretrained(
             f"{differ}); the checkpoint's config and weights do not belong together."
         )
     state = safetensors.torch.load_file(str(weights_file))
-    if base_mismatch is None:
+    variant = metadata.get("variant")
+    if variant not in (None, "folded"):
+        raise LinearizedCheckpointError(
+            f"{LINEARIZE_CONFIG_NAME} names the format variant {variant!r}, which this hf_linearize does not know "
+            "(it reads plain and 'folded' checkpoints); upgrade hf_linearize."
+        )
+    if variant == "folded":  # rebuild the folded structure, then load every tensor into it
+        model = refold(model, metadata["fold"])
+        mismatch = _load_state(model, state)
+        if base_mismatch is not None:  # base tensors transformers accepted without the file (recomputed positions)
+            accepted = base_keys - set(base_mismatch.missing)
+            mismatch.missing = [k for k in mismatch.missing if k not in accepted]
+    elif base_mismatch is None:
         mismatch = _load_state(model, state)
     else:  # transformers loaded the base weights; the tensors that patching added were its unexpected keys
         patched_keys = set(model.state_dict()) - base_keys

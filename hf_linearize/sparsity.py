@@ -180,7 +180,8 @@ class LinearUnitTracker:
     """Which units are linear (exactly 1.0) and, with ``freeze=True``, keeps them at exactly 1.0 for good.
 
     Args:
-        alphas: the gate tensors (only their shapes and devices are used here).
+        alphas: the gate tensors. With ``freeze``, units already at ``a >= 1 - eps`` are snapped and frozen at once
+            (within ``max_linear``), so that no gradient step can move them.
         eps: a unit is linear when ``a >= 1 - eps``.
         freeze: snapped units never move again (``LinearizeConfig.freeze_linear``). Without it the masks
             are the units linear after the last `update`, and a unit may leave.
@@ -199,6 +200,8 @@ class LinearUnitTracker:
         self.freeze = freeze
         self.max_linear = max_linear
         self.masks = [torch.zeros(a.shape, dtype=torch.bool, device=a.device) for a in alphas]
+        if freeze:  # units linear already (one-shot linearization, a resumed prior) are frozen before any step
+            snap_(alphas, eps, self.masks, max_linear)
 
     @property
     def linear_units(self) -> int:

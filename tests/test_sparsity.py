@@ -140,8 +140,10 @@ def test_unfrozen_tracker_lets_units_leave() -> None:
 
 
 def test_tracker_quota_caps_linear_units() -> None:
-    (a,) = _params([1.0, 1.05, 1.02, 0.5])
+    (a,) = _params([0.0, 0.0, 0.0, 0.0])
     tracker = LinearUnitTracker([a], EPS, max_linear=2)
+    with torch.no_grad():
+        a.copy_(torch.tensor([1.0, 1.05, 1.02, 0.5]))
     assert tracker.update([a]) == 2
     assert a.tolist()[1:3] == [1.0, 1.0] and a[0].item() < THR
     assert tracker.masks[0].tolist() == [False, True, True, False]
@@ -486,3 +488,18 @@ def test_cuda_gates() -> None:
     assert [a.tolist() for a in alphas][0][1:] == [1.0, 1.0] and alphas[1][0].item() < THR
     assert all(m.device.type == "cuda" for m in tracker.masks)
     assert gate_stats(alphas, EPS)["linear_units"] == 2
+
+
+def test_units_linear_before_training_start_frozen():
+    """A one-shot linearization before training: its linear units never move, even in the first step."""
+    from hf_linearize.sparsity import LinearUnitTracker
+
+    alpha = torch.tensor([1.0, 0.25, 1.0, 0.9995, 1.0])
+    tracker = LinearUnitTracker([alpha], eps=1e-3, freeze=True, max_linear=3)
+    # the quota keeps the largest values (ties by position); the other candidate is held just below 1 - eps
+    assert tracker.linear_units == 3 and alpha[[0, 1, 2, 4]].tolist() == [1.0, 0.25, 1.0, 1.0]
+    assert alpha[3] < 1 - 1e-3
+    alpha.grad = torch.ones(5)
+    tracker.mask_grads_([alpha])
+    assert alpha.grad.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert LinearUnitTracker([alpha], eps=1e-3, freeze=False).linear_units == 0

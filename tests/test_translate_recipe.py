@@ -131,8 +131,8 @@ def test_single_process_synthetic(tmp_path):
     assert "BLEU" in done.stdout and "normalized APL" in done.stdout
 
 
-def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
-    """The late setting: a local pretrained seq2seq checkpoint (tokenizer included) is scored, then fine-tuned."""
+def _pretrained(tmp_path: Path) -> Path:
+    """A local pretrained seq2seq checkpoint (tiny random Marian) with a tokenizer trained on synthetic pairs."""
     from transformers import MarianConfig, MarianMTModel
 
     from hf_linearize.translation.synthetic import synthetic_pairs
@@ -144,9 +144,15 @@ def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
                                decoder_ffn_dim=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
                   ).save_pretrained(tmp_path / "pretrained")
     tokenizer.save_pretrained(tmp_path / "pretrained")
+    return tmp_path / "pretrained"
+
+
+def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
+    """The late setting: a local pretrained seq2seq checkpoint (tokenizer included) is scored, then fine-tuned."""
+    pretrained = _pretrained(tmp_path)
     out = tmp_path / "late"
     done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
-                 "--model_name_or_path", str(tmp_path / "pretrained"), "--synthetic_train_size", "64",
+                 "--model_name_or_path", str(pretrained), "--synthetic_train_size", "64",
                  "--synthetic_eval_size", "8", "--max_steps", "2", "--max_new_tokens", "8", "--num_beams", "1"])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -155,7 +161,35 @@ def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
     assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
     card = ModelCard.load(out / "final" / "README.md")
     assert card.data.base_model is None, "a local folder is no Hub id: it stays out of the card's metadata"
-    assert f"from `{tmp_path / 'pretrained'}`" in card.text and "huggingface.co" not in card.text
+    assert f"from `{pretrained}`" in card.text and "huggingface.co" not in card.text
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_one_shot_then_recovery_fine_tune(tmp_path, train):
+    """--one_shot_budget linearizes the pretrained model before training; its linear units stay exactly linear
+    while the late prior fine-tunes the rest (or, with --train false, the one-shot model is what is scored)."""
+    out = tmp_path / "one_shot"
+    done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
+                 "--model_name_or_path", str(_pretrained(tmp_path)), "--synthetic_train_size", "64",
+                 "--synthetic_eval_size", "8", "--max_steps", "3", "--max_new_tokens", "8", "--num_beams", "1",
+                 "--one_shot_budget", "0.5", "--calibration_batches", "2", "--per_device_eval_batch_size", "8",
+                 "--prior_lambda", "1", "--prior_start", "0", "--prior_warmup", "0", "--gate_lr", "0.5",
+                 "--train", str(train).lower()])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    one_shot = results["one_shot"]
+    assert one_shot["nonlinear_fraction"] == 0.5 and one_shot["calibration_pairs"] == 16
+    assert set(one_shot["scores"]) == {"validation", "test"} and set(results["before_training"]["scores"])
+    assert one_shot["reconstruct"], "the FFN output projections were re-fitted"
+    model = hl.from_pretrained(out / "final")
+    final = hl.summary(model)["total"]
+    assert final["linear"] >= one_shot["linear"] == final["units"] // 2
+    gates = dict(hl.gated_modules(model))
+    for name, layer in one_shot["layers"].items():  # the one-shot units kept gate 1 and an affine target
+        assert int((gates[name].alpha == 1).sum()) >= layer["units"] - layer["nonlinear"]
+    assert any(gate._affine for gate in gates.values())
+    if not train:
+        assert results["train"] is None and results["scores"] == one_shot["scores"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,184 @@
+"""Calibration and one-shot linearization: least-squares targets, budgets, scores, compensation, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILY_CASES, run
+from torch import nn
+
+import hf_linearize as hl
+from hf_linearize.calibration import SiteMoments
+
+
+def _marian_batches(count: int = 4, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 64, (4, 9), generator=g),
+             "attention_mask": torch.ones(4, 9, dtype=torch.long),
+             "decoder_input_ids": torch.randint(3, 64, (4, 7), generator=g)} for _ in range(count)]
+
+
+def _patched(name: str = "marian") -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    model, inputs = FAMILY_CASES[name]()
+    return hl.patch_model(model.eval()), inputs
+
+
+def test_fit_is_the_closed_form_least_squares():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    z = torch.nn.functional.gelu(x + 0.3)
+    moments = SiteMoments.zeros(3)
+    moments.add(x[:200], z[:200])
+    moments.add(x[200:], z[200:])
+    p, q, residual = moments.fit("affine", glu=False)
+    for c in range(3):
+        design = np.stack([x[:, c].numpy(), np.ones(500)], axis=1)
+        (slope, offset), *_ = np.linalg.lstsq(design, z[:, c].numpy(), rcond=None)
+        assert p[c].item() == pytest.approx(slope, rel=1e-9) and q[c].item() == pytest.approx(offset, abs=1e-9)
+        mse = np.mean((z[:, c].numpy() - slope * x[:, c].numpy() - offset) ** 2)
+        assert residual[c].item() == pytest.approx(mse, rel=1e-6, abs=1e-12)
+    # weighted: the same closed form with per-position weights
+    w = torch.rand(500, 3, generator=g, dtype=torch.float64)
+    weighted = SiteMoments.zeros(3)
+    weighted.add(x, z, w)
+    p, q, _ = weighted.fit("affine", glu=False)
+    sw = np.sqrt(w[:, 0].numpy())
+    design = np.stack([x[:, 0].numpy(), np.ones(500)], axis=1) * sw[:, None]
+    (slope, offset), *_ = np.linalg.lstsq(design, z[:, 0].numpy() * sw, rcond=None)
+    assert p[0].item() == pytest.approx(slope, rel=1e-9) and q[0].item() == pytest.approx(offset, abs=1e-9)
+
+
+def test_relu_units_positive_and_dead():
+    x = torch.stack([torch.rand(300) + 0.1, -torch.rand(300) - 0.1], dim=1)  # unit 0 always on, unit 1 dead
+    moments = SiteMoments.zeros(2)
+    moments.add(x, torch.relu(x))
+    p, q, residual = moments.fit("affine", glu=False)
+    assert p[0].item() == pytest.approx(1.0, abs=1e-12) and q[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert p[1].item() == 0.0 and q[1].item() == 0.0
+    assert residual.max().item() < 1e-20
+    p, q, residual = moments.fit("identity", glu=False)
+    assert (p.tolist(), q.tolist()) == ([1.0, 1.0], [0.0, 0.0]) and residual[1].item() > 0
+
+
+def test_glu_target_is_the_mean_gate():
+    u = torch.randn(400, 2, dtype=torch.float64)
+    moments = SiteMoments.zeros(2)
+    moments.add(u, torch.sigmoid(u))
+    p, q, residual = moments.fit("affine", glu=True)
+    torch.testing.assert_close(q, torch.sigmoid(u).mean(0))
+    torch.testing.assert_close(residual, torch.sigmoid(u).var(0, unbiased=False))
+
+
+def test_one_shot_at_zero_changes_no_bit():
+    model, inputs = _patched()
+    before = run(model, inputs)
+    stats = hl.calibrate(model, _marian_batches(), progress=False)
+    report = hl.linearize_one_shot(model, stats, nonlinear_fraction=1.0)
+    assert report["linearized"] == 0 and torch.equal(run(model, inputs), before)
+
+
+@pytest.mark.parametrize("fraction", [0.75, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("score", ["residual", "sensitivity"])
+def test_nonlinear_fraction_budget_is_met_exactly(fraction, score):
+    model, _ = _patched()
+    stats = hl.calibrate(model, _marian_batches(), sensitivity=True, progress=False)
+    report = hl.linearize_one_shot(model, stats, nonlinear_fraction=fraction, score=score)
+    total = hl.summary(model)["total"]
+    assert total["nonlinear"] == math.floor(fraction * total["units"]) == report["units"] - report["linear"]
+    assert report["normalized_apl"] == pytest.approx(hl.average_path_length(model))
+    assert sum(layer["linearized"] for layer in report["layers"].values()) == report["linearized"]
+
+
+def test_apl_budget_takes_the_fewest_units():
+    model, _ = _patched()
+    fresh = copy.deepcopy(model)
+    stats = hl.calibrate(model, _marian_batches(), progress=False)
+    budget = 0.5 * hl.average_path_length(model)
+    report = hl.linearize_one_shot(model, stats, apl=budget)
+    assert hl.average_path_length(model) <= budget + 1e-12 and report["linearized"] > 0
+    # The same ranking with one unit fewer misses the budget.
+    units = report["units"]
+    hl.linearize_one_shot(fresh, stats, nonlinear_fraction=(units - report["linearized"] + 1) / units)
+    assert hl.summary(fresh)["total"]["linear"] == report["linearized"] - 1
+    assert hl.average_path_length(fresh) > budget
+    with pytest.raises(ValueError, match="cannot be reached"):
+        hl.linearize_one_shot(fresh, stats, apl=-1.0)
+
+
+def test_affine_one_shot_keeps_exactly_linear_units_exact():
+    """A ReLU unit whose inputs are always positive is linear already: linearizing it (p=1, q=0) is exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        net[0].bias[:3] = 100.0  # units 0-2 always on
+    model = hl.patch_model(net, example_inputs=torch.randn(2, 4))
+    x = torch.randn(64, 4)
+    before = model(x)
+    stats = hl.calibrate(model, [x[:32], x[32:]], progress=False)
+    hl.linearize_one_shot(model, stats, nonlinear_fraction=0.5)
+    gate = dict(hl.gated_modules(model))["1"]
+    assert gate.alpha[:3].tolist() == [1.0, 1.0, 1.0] and gate.alpha[3:].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_affine_beats_identity_on_output_error():
+    model, inputs = _patched()
+    reference = run(model, inputs)
+    stats = hl.calibrate(model, _marian_batches(8), progress=False)
+    errors = {}
+    for target in ("identity", "affine"):
+        trial = copy.deepcopy(model)
+        hl.linearize_one_shot(trial, stats, nonlinear_fraction=0.5, target=target)
+        errors[target] = float((run(trial, inputs) - reference).detach().pow(2).mean())
+    assert errors["affine"] < errors["identity"]
+
+
+def test_reconstruct_reduces_the_error_and_keeps_linear_units():
+    model, inputs = _patched()
+    original = copy.deepcopy(model)
+    batches = _marian_batches(8)
+    stats = hl.calibrate(model, batches, progress=False)
+    hl.linearize_one_shot(model, stats, nonlinear_fraction=0.25)
+    linear_before = hl.summary(model)["total"]["linear"]
+    report = hl.reconstruct(model, original, batches, progress=False)
+    assert report and all(r["mse_after"] <= r["mse_before"] + 1e-12 for r in report.values())
+    assert hl.summary(model)["total"]["linear"] == linear_before
+    with torch.no_grad():
+        hidden = [run(m, batches[0]) for m in (original, model)]
+    assert torch.isfinite(hidden[1]).all()
+
+
+def test_stats_round_trip(tmp_path):
+    model, _ = _patched()
+    stats = hl.calibrate(model, _marian_batches(2), sensitivity=True, progress=False)
+    for name in ("stats.json", "stats.safetensors"):
+        loaded = hl.CalibrationStats.load(stats.save(tmp_path / name))
+        assert loaded.family == stats.family and loaded.batches == 2
+        for group in ("sites", "sensitivity"):
+            for site, moments in getattr(stats, group).items():
+                for field in ("weight", "sum_x", "sum_xx", "sum_z", "sum_zz", "sum_xz"):
+                    assert torch.equal(getattr(getattr(loaded, group)[site], field), getattr(moments, field))
+
+
+def test_bad_input():
+    model, _ = _patched()
+    stats = hl.calibrate(model, _marian_batches(1), progress=False)
+    with pytest.raises(ValueError, match="batches were empty"):
+        hl.calibrate(model, [], progress=False)
+    with pytest.raises(ValueError, match="needs a patched model"):
+        hl.calibrate(FAMILY_CASES["marian"]()[0], _marian_batches(1), progress=False)
+    with pytest.raises(ValueError, match="not patched"):
+        hl.linearize_one_shot(FAMILY_CASES["marian"]()[0], stats, nonlinear_fraction=0.5)
+    for other in (_patched("bart")[0], hl.patch_model(FAMILY_CASES["marian"]()[0].eval())):  # same layout
+        with pytest.raises(ValueError, match="measured on another model"):
+            hl.linearize_one_shot(other, stats, nonlinear_fraction=0.5)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        hl.linearize_one_shot(model, stats)
+    with pytest.raises(ValueError, match="sensitivity=True"):
+        hl.linearize_one_shot(model, stats, nonlinear_fraction=0.5, score="sensitivity")
+    assert hl.summary(model)["total"]["linear"] == 0, "refused calls leave the model as it was"

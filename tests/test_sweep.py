@@ -1,0 +1,195 @@
+"""recipes/sweep.py: the grid it plans, the commands it builds, config errors, and a tiny sweep end to end."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_subprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "recipes" / "sweep.py"
+TINY = ROOT / "recipes" / "configs" / "sweeps" / "tiny_synthetic.yaml"
+SWEEP_CONFIGS = sorted((ROOT / "recipes" / "configs" / "sweeps").glob("*.yaml"))
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(tmp_path: Path, **changes) -> Path:
+    """The tiny sweep YAML with ``changes`` (None deletes a key), written next to a copy of its base config."""
+    data = yaml.safe_load(TINY.read_text(encoding="utf-8"))
+    data["base_config"] = str(ROOT / "recipes" / "configs" / "synthetic.yaml")
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_sweep_configs_load_and_plan_both_schedules():
+    sweep = _sweep_module()
+    assert {"tiny_synthetic", "multi30k", "mnist_resnet", "mnist_vit"} <= {p.stem for p in SWEEP_CONFIGS}
+    for config in SWEEP_CONFIGS:
+        loaded = sweep.load_sweep(config)
+        runs = sweep.plan(loaded)
+        schedules = [run.schedule for run in runs]
+        assert schedules[0] == "baseline" and "control" in schedules, config.name
+        assert schedules.count("early") == schedules.count("late") == len(loaded.budgets) * len(loaded.lambdas)
+        if config.stem != "tiny_synthetic":
+            assert len(loaded.budgets) >= 4, config.name
+        for run in runs:
+            if run.schedule == "late":
+                assert any(str(run.directory.parent / "baseline" / "final") in str(value) for value in
+                           run.flags.values()) or loaded.baseline_run is not None, config.name
+
+
+def test_multi30k_sweep_reaches_five_percent():
+    sweep = _sweep_module().load_sweep(ROOT / "recipes" / "configs" / "sweeps" / "multi30k.yaml")
+    assert sweep.budget_metric == "nonlinear_fraction" and min(sweep.budgets) <= 0.05
+
+
+def test_dry_run_prints_grid_and_commands(tmp_path, capsys):
+    sweep = _sweep_module()
+    out = tmp_path / "out"
+    assert sweep.main(["--config", str(TINY), "--output_dir", str(out), "--dry_run", "--", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    names = ["baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "late_nf0.5_lam1", "late_nf0.2_lam1", "control"]
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split() and line.split()[0] in names}
+    assert set(lines) == set(names)
+    assert all(line.endswith("to run") for line in lines.values())
+    assert "12 steps" in lines["early_nf0.2_lam1"] and "8 steps" in lines["late_nf0.2_lam1"]
+    assert "0 of 6 runs done, 6 to run." in printed
+    commands = [line for line in printed.splitlines() if "translate_wmt.py" in line]
+    assert len(commands) == 6 and all(line.rstrip().endswith("--seed 3") for line in commands)
+    late = next(line for line in commands if "late_nf0.2_lam1" in line)
+    assert f"--model_name_or_path {out / 'runs' / 'baseline' / 'final'}" in late
+    assert "--budget_target 0.2 --budget_metric nonlinear_fraction" in late
+    assert not out.exists(), "a dry run writes nothing"
+
+
+def test_command_line_options_replace_the_yaml(tmp_path):
+    sweep = _sweep_module()
+    loaded = sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.3], lambdas=[0.5, 2.0],
+                              schedules=["late"])
+    runs = sweep.plan(loaded)
+    assert [run.name for run in runs] == ["baseline", "late_nf0.3_lam0.5", "late_nf0.3_lam2", "control"]
+    control = runs[-1]
+    assert control.flags["prior_lambda"] == 0.0 and control.flags["max_steps"] == 8, "control = late without prior"
+    command = sweep.recipe_command(loaded, runs[1], "accelerate launch --num_processes 2", ["--max_steps", "3"])
+    assert command[:4] == ["accelerate", "launch", "--num_processes", "2"] and command[-2:] == ["--max_steps", "3"]
+    assert sweep.planned_length(runs[1], ["--max_steps", "3"], {}) == "3 steps"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": "red"}, "Unknown keys"),
+    ({"recipe": "summarize"}, "recipe must be one of"),
+    ({"budgets": [0.5, 1.5]}, "must lie in"),
+    ({"budgets": []}, "non-empty list"),
+    ({"lambdas": [-1.0]}, "numbers >= 0"),
+    ({"lambdas": [0.1, 0.1]}, "repeats a value"),
+    ({"schedules": ["early", "middle"]}, "schedules must be"),
+    ({"budget_metric": "depth"}, "budget_metric must be one of"),
+    ({"output_dir": None}, "output_dir"),
+    ({"task": None}, "'task' is required"),
+    ({"base_config": "missing.yaml"}, "does not exist"),
+    ({"late": {"overides": {}}}, "unknown keys"),
+    ({"baseline": {"run": "somewhere", "overrides": {"max_steps": 3}}}, "keep one"),
+    ({"overrides": [1, 2]}, "mapping"),
+])
+def test_bad_configs_say_what_is_wrong(tmp_path, changes, message):
+    sweep = _sweep_module()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sweep.load_sweep(_write(tmp_path, **changes))
+
+
+def test_base_config_with_a_budget_is_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "recipes" / "configs" / "synthetic.yaml").read_text() + "budget_target: 0.3\n")
+    with pytest.raises(ValueError, match="Remove budget_target"):
+        _sweep_module().load_sweep(_write(tmp_path, base_config=str(base)))
+
+
+def _sweep(*args: str):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = run_subprocess([sys.executable, str(SWEEP), "--config", str(TINY), *args], cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "sweep"
+    first = _sweep("--output_dir", str(out), "--schedules", "early")
+    assert "[sweep] running baseline" in first and "[sweep] running late" not in first
+    runs = out / "runs"
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/results.json")}
+    assert set(stamps) == {"baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "control"}
+
+    second = _sweep("--output_dir", str(out))  # resumes: only the late runs are missing
+    ran = [line.split()[2].rstrip(":") for line in second.splitlines() if line.startswith("[sweep] running")]
+    assert ran == ["late_nf0.5_lam1", "late_nf0.2_lam1"]
+    assert {name: (runs / name / "results.json").stat().st_mtime_ns for name in stamps} == stamps
+
+    third = _sweep("--output_dir", str(out))
+    assert "6 of 6 runs done, 0 to run." in third and "[sweep] running" not in third
+
+    with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in rows] == ["baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "late_nf0.5_lam1",
+                                            "late_nf0.2_lam1", "control"]
+    assert json.loads((out / "results.json").read_text())[0]["run"] == "baseline"
+    by_run = {row["run"]: row for row in rows}
+    baseline_steps = int(by_run["baseline"]["steps"])
+    for row in rows:
+        layers, units = json.loads(row["layer_nonlinear"]), json.loads(row["layer_units"])
+        assert len(layers) == 4 and sum(layers.values()) == int(row["nonlinear_units"])
+        assert float(row["nonlinear_fraction"]) == pytest.approx(int(row["nonlinear_units"]) / sum(units.values()))
+        assert float(row["depth_normalized"]) == pytest.approx(1.75) and row["test_bleu"] and row["test_chrf"]
+        assert float(row["wall_s"]) > 0 and row["checkpoint"] == str(runs / row["run"] / "final")
+        results = json.loads((runs / row["run"] / "results.json").read_text())
+        if row["schedule"] in ("early", "late"):
+            target = float(row["budget_target"])
+            assert target - 1 / 1024 <= float(row["nonlinear_fraction"]) < 1.0  # the hard quota floors the count
+            assert float(row["normalized_apl"]) < float(row["depth_normalized"])
+        else:
+            assert float(row["nonlinear_fraction"]) == 1.0 and float(row["normalized_apl"]) == 1.75
+        start = results["settings"]["model"]["model_name_or_path"]
+        if row["schedule"] in ("late", "control"):
+            assert start == str(runs / "baseline" / "final") and row["start"] == "baseline"
+            assert int(row["steps"]) == 8
+            baseline_epochs = float(by_run["baseline"]["epochs"])
+            assert float(row["total_epochs"]) == pytest.approx(float(row["epochs"]) + baseline_epochs)
+            assert float(row["total_wall_s"]) > float(row["wall_s"])
+        else:
+            assert start is None and int(row["steps"]) == baseline_steps == 12
+            assert row["total_epochs"] == row["epochs"]
+    for png in ("quality_vs_apl.png", "core_maps.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
+    sweep = _sweep_module()
+    loaded = sweep.load_sweep(TINY, output_dir=str(tmp_path))
+    run = sweep.plan(loaded)[1]
+    run.directory.mkdir(parents=True)
+    command = sweep.recipe_command(loaded, run, None, [])
+    (run.directory / "sweep_run.json").write_text(json.dumps({"command": command, "wall_s": 1.0}))
+    sweep._warn_if_changed(loaded, run, "accelerate launch", [])  # another launcher, same recipe arguments
+    assert capsys.readouterr().out == ""
+    sweep._warn_if_changed(loaded, run, None, ["--seed", "4"])
+    assert f"delete {run.directory} to rerun it" in capsys.readouterr().out
