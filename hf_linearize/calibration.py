@@ -38,6 +38,7 @@ import copy
 import itertools
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Union
@@ -560,7 +561,9 @@ def one_shot(model: nn.Module, batches: Iterable[Any], nonlinear_fraction: Optio
     """The whole post-training linearization in one call: :func:`calibrate` (with ``sensitivity`` when ``score``
     needs it), :func:`linearize_one_shot` to the budget, then (``compensate``) :func:`reconstruct` against a copy of
     the model taken before. ``batches`` is read into memory (at most ``max_batches``). The report gains
-    ``reconstruct`` (per-site errors) when compensating."""
+    ``calibration_batches``, ``seconds`` (wall time of the whole step) and, when compensating, ``reconstruct``
+    (per-site errors)."""
+    start = time.perf_counter()
     batches = list(itertools.islice(batches, max_batches))
     reference = copy.deepcopy(model) if compensate else None
     stats = calibrate(model, batches, sensitivity=score == "sensitivity", progress=progress)
@@ -568,4 +571,5 @@ def one_shot(model: nn.Module, batches: Iterable[Any], nonlinear_fraction: Optio
                                 score=score)
     if reference is not None:
         report["reconstruct"] = reconstruct(model, reference, batches, progress=progress)
+    report.update(calibration_batches=len(batches), seconds=time.perf_counter() - start)
     return report

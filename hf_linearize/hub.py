@@ -39,7 +39,7 @@ from torch import nn
 
 from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
-from .patching import gated_modules, patch_model, patch_state, summary
+from .patching import gated_modules, patch_model, patch_state, summary, timm_input_size
 
 FORMAT_VERSION = 1
 LINEARIZE_CONFIG_NAME = "linearize_config.json"
@@ -201,7 +201,9 @@ def save_pretrained(
     else:
         from timm.models._hub import save_config_for_hf
 
-        save_config_for_hf(model, str(directory / "config.json"), model_args=model_args)
+        # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
+        save_config_for_hf(model, str(directory / "config.json"), model_args=model_args,
+                           data_config={"input_size": timm_input_size(model)})
         safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import torch
 from accelerate.utils import gather_object
 from transformers import TrainingArguments, set_seed
 
 import hf_linearize as hl
-from hf_linearize.arguments import LinearizeArguments, parse_with_config
+from hf_linearize.arguments import LinearizeArguments, OneShotArguments, parse_with_config
 from hf_linearize.training_plots import plot_training_curves
 from hf_linearize.vision.data import (
     check_classes,
@@ -109,9 +110,21 @@ def gate_digest(model) -> str:
     return digest.hexdigest()
 
 
+def linearize_one_shot(model, train: datasets.Dataset, transform, args: OneShotArguments,
+                       batch_size: int) -> dict[str, Any]:
+    """Post-training linearization to ``--one_shot_budget``, calibrated on the first training images (evaluation
+    transform, no augmentation; the same on every rank)."""
+    images = with_transform(train.select(range(min(len(train), args.calibration_batches * batch_size))), transform)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, collate_fn=collate)
+    report = hl.one_shot(model, (batch["x"] for batch in loader), nonlinear_fraction=args.one_shot_budget,
+                         target=args.one_shot_target, score=args.one_shot_score, compensate=args.one_shot_compensate)
+    logger.info("%s (%.0f s)", report, report["seconds"])
+    return {**report, "calibration_images": len(images)}
+
+
 def main() -> None:
-    model_args, data_args, lin_args, eval_args, training = parse_with_config(
-        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, TrainingArguments))
+    model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
+        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, TrainingArguments))
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         level=logging.INFO if training.should_log else logging.WARNING)
     training.remove_unused_columns = False  # the transform needs the raw image and label columns
@@ -134,18 +147,22 @@ def main() -> None:
     batch_size = training.per_device_eval_batch_size
     results: dict[str, Any] = {"settings": {"model": asdict(model_args), "data": asdict(data_args),
                                             "linearize": linearize_config.to_dict(), "eval": asdict(eval_args),
-                                            "classes": class_names, "world_size": training.world_size,
+                                            "one_shot": asdict(one_shot_args), "classes": class_names, "world_size": training.world_size,
                                             "seed": training.seed}}
     if pretrained and eval_args.eval_before_training:
         results["before_training"] = {"scores": score(model, images, eval_transform, batch_size)[0],
                                       "path_length": hl.path_length_report(model)}
-    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    if one_shot_args.one_shot_budget is not None:
+        results["one_shot"] = linearize_one_shot(model, images["train"], eval_transform, one_shot_args, batch_size)
+        results["one_shot"]["scores"] = score(model, images, eval_transform, batch_size)[0]
+    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     final_model = trainer.accelerator.unwrap_model(model)
     scores, predictions = score(final_model, images, eval_transform, batch_size)
     report = hl.path_length_report(final_model)
     results.update(scores=scores, path_length=report, summary=dict(hl.summary(final_model)),
-                   train={"loss": train_result.training_loss, "steps": trainer.state.global_step,
-                          "epochs": trainer.state.epoch, "runtime_s": train_result.metrics.get("train_runtime")},
+                   train=train_result and {"loss": train_result.training_loss, "steps": trainer.state.global_step,
+                                           "epochs": trainer.state.epoch,
+                                           "runtime_s": train_result.metrics.get("train_runtime")},
                    log_history=trainer.state.log_history)
     results["gates_sha256_per_rank"] = gather_object([gate_digest(final_model)])
     headline_split = "test" if "test" in scores else "validation"
@@ -164,7 +181,8 @@ def main() -> None:
         else:
             hl.save_pretrained(final_model, output_dir / "final", **card)
         plots = output_dir / "plots"
-        plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
+        if train_result is not None:
+            plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
         hl.plot_core_map(report, plots / "core_map.png")
         plot_confusion_matrix(matrix, class_names, plots / "confusion_matrix.png",
                               title=f"{model_args.model_name} on {headline_split}")

@@ -182,3 +182,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="sensitivity=True"):
         hl.linearize_one_shot(model, stats, nonlinear_fraction=0.5, score="sensitivity")
     assert hl.summary(model)["total"]["linear"] == 0, "refused calls leave the model as it was"
+
+
+def test_affine_targets_save_and_load_bit_identically(tmp_path):
+    model, inputs = _patched()
+    hl.one_shot(model, _marian_batches(2), nonlinear_fraction=0.5, progress=False)
+    assert any(gate._affine for _, gate in hl.gated_modules(model))
+    hl.save_pretrained(model, tmp_path)
+    loaded = hl.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
+    for (name, gate), (_, other) in zip(hl.gated_modules(model), hl.gated_modules(loaded)):
+        assert torch.equal(gate.target_offset, other.target_offset) and other._affine == gate._affine, name

@@ -151,6 +151,25 @@ def test_local_pretrained_weights_are_scored_before_training(tmp_path):
     assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
 
 
+@pytest.mark.slow
+def test_one_shot_linearizes_a_vit_before_it_is_scored(tmp_path):
+    """--one_shot_budget with --train false: calibrate on the first digits, linearize to the budget, score."""
+    out = tmp_path / "one_shot"
+    done = _run([sys.executable, str(RECIPE), "--config", str(ROOT / "recipes" / "configs" / "mnist_vit.yaml"),
+                 "--model_kwargs", "img_size=28,patch_size=7,in_chans=1,embed_dim=32,depth=2,num_heads=2",
+                 "--output_dir", str(out), "--max_train_samples", "64", "--max_eval_samples", "20",
+                 "--one_shot_budget", "0.25", "--calibration_batches", "2", "--per_device_eval_batch_size", "16",
+                 "--train", "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    one_shot = results["one_shot"]
+    assert one_shot["calibration_images"] == 32 and one_shot["reconstruct"]
+    assert one_shot["nonlinear_fraction"] == results["summary"]["total"]["nonlinear_fraction"] == 0.25
+    assert results["train"] is None and results["scores"] == one_shot["scores"]
+    model = hl.from_pretrained(out / "final")
+    assert hl.summary(model)["total"]["nonlinear_fraction"] == 0.25
+
+
 def test_offline_hub_dataset_and_pretrained_weights_fail_fast(tmp_path):
     done = _run([sys.executable, str(RECIPE), "--config", str(CONFIG), "--output_dir", str(tmp_path),
                  "--dataset_name", "cifar10"])

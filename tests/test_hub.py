@@ -372,3 +372,14 @@ def test_a_file_is_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(LinearizedCheckpointError, match="is a file, not a checkpoint folder"):
         hl.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_timm_checkpoint_records_the_input_of_the_model_as_built(tmp_path):
+    model = hl.patch_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                                             in_chans=1, depth=1))
+    hl.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hl.from_pretrained(tmp_path).eval()(x), model.eval()(x))
