@@ -18,10 +18,15 @@ Per site, the cheaper of two forms is kept (MACs per position, i.e. per token or
   bare activation again (no gate cost).
 
 Nonlinear units keep their gate values: a unit with ``0 < a < 1`` stays in ``N`` and still computes
-``a x + (1 - a) act(x)``. A unit with ``1 - linear_threshold <= a < 1`` counts as linear (``summary``'s rule; the
-trainer snaps such units to exactly 1) and folds as the identity, which changes its output by at most
-``linear_threshold * |act(x) - x|``. A site that no :class:`~hf_linearize.families.FoldRule` of its family fits (CNNs, MLPs with
-a norm between their projections, shared activations) stays gated, with the reason in :func:`fold_report`.
+``a t(x) + (1 - a) act(x)`` with its linear target ``t``. A unit with ``1 - linear_threshold <= a < 1`` counts as
+linear (``summary``'s rule; the trainer snaps such units to exactly 1) and folds as its target, which changes its
+output by at most ``linear_threshold * |act(x) - t(x)|``. A site that no :class:`~hf_linearize.families.FoldRule` of
+its family fits (CNNs, MLPs with a norm between their projections, shared activations) stays gated, with the reason
+in :func:`fold_report`.
+
+Affine linear targets (``GatedActivation.set_targets``): a linear unit with target ``p x + q`` folds into
+``M = W2[:, L] diag(p) W1[L]``, ``m = W2[:, L] (p b1[L] + q) + b2``; a GLU unit with constant target ``q`` into
+``W2[:, L] diag(q) W_v[L]``.
 
 The folded projections are ordinary ``nn.Linear``/``nn.Conv2d`` modules inside :class:`FoldedInput` (the
 nonlinear part plus the input carried through for ``M``) and :class:`FoldedGluFFN`; they replace the original
@@ -168,8 +173,9 @@ class FoldState:
     report: FoldReport
     plan: dict[str, Any]
     """What :func:`refold` needs to rebuild the folded structure from the gated architecture (JSON-ready):
-    ``linear_units`` (site -> indices of its linear units) and ``kept_gates`` (sites whose nonlinear units keep a
-    gate because some of their gate values are above 0)."""
+    ``linear_units`` (site -> indices of its linear units), ``kept_gates`` (sites whose nonlinear units keep a
+    gate because some of their gate values are above 0) and ``affine_targets`` (sites with linear targets other
+    than the default)."""
     source: dict[str, Any]
     """The gated model's ``family``, ``linearize_config`` (dict), ``sites`` (name -> units), ``summary`` and
     ``path_length`` report (None where the family has no path graph), as measured at fold time."""
@@ -207,23 +213,35 @@ def _projection(like: Projection, weight: torch.Tensor, bias: Optional[torch.Ten
     return proj
 
 
-def _linear_response(units: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale ``s`` and shift ``t`` of linear units: ``h_L = s * (W[L] x + b[L]) + t`` with ``W, b`` the projection
-    that carries them (``fc_in``, or the value projection of a GLU). Today's gates end at the identity (``s = 1,
-    t = 0``) or, for GLU units, at the constant 1 (``h = 1 * v``). A gate ending at an affine target ``p x + q``
-    would give ``s = p, t = q`` (GLU: ``s = q, t = 0``), and every formula below holds as written."""
-    return torch.ones(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64)
+def _linear_response(gate: GatedActivation, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 scale ``s`` and shift ``t`` of the linear ``units``: ``h_L = s * (W[L] x + b[L]) + t`` with ``W, b``
+    the projection that carries them (``fc_in``, or the value projection of a GLU). A unit's linear target
+    ``p x + q`` gives ``s = p, t = q``; a GLU unit's constant target ``q`` gives ``h = q v``: ``s = q, t = 0``. The
+    default targets are the identity (``s = 1, t = 0``) and, for GLU units, ``h = 1 * v``."""
+    ones, zeros = (torch.full((units.numel(),), value, dtype=torch.float64) for value in (1.0, 0.0))
+    targets = gate._affine_targets()
+    if targets is None:
+        return ones, zeros
+    slope, offset = (t.detach().double()[units.to(t.device)].to(units.device) for t in targets)
+    return (offset, zeros) if gate.kind == "glu" else (slope, offset)
+
+
+def _shifted(gate: GatedActivation) -> bool:
+    """Whether linear units of ``gate`` add a constant (an elementwise target ``p x + q`` other than ``x``): the
+    folded projections then need a bias even where the original ones had none."""
+    return gate.kind == "elementwise" and gate._affine_targets() is not None
 
 
 def _nonlinear_act(gate: GatedActivation, nonlinear: torch.Tensor) -> nn.Module:
     """The activation of the nonlinear units: the bare activation when all their gates are 0, else a gate that
-    keeps their gate values."""
+    keeps their gate values and linear targets."""
     alpha = gate.alpha.detach()[nonlinear]
     if not bool(alpha.any()):
         return gate.act
     kept = GatedActivation(gate.act, int(nonlinear.numel()), gate.channel_dim, gate.kind)
     with torch.no_grad():
         kept.alpha.copy_(alpha)
+    kept.set_targets(gate.target_slope[nonlinear], gate.target_offset[nonlinear])
     return kept
 
 
@@ -232,9 +250,11 @@ def _weights(*modules: nn.Module) -> int:
     return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def _bias(bias: torch.Tensor, had_bias: bool) -> Optional[torch.Tensor]:
-    """``bias``, or None where the source projections had none and it is all zero."""
-    return bias if had_bias or bool(bias.any()) else None
+def _bias(bias: torch.Tensor, present: bool) -> Optional[torch.Tensor]:
+    """``bias`` where the folded projection has one, else None (``bias`` is then 0 by construction). Whether it has
+    one depends on the structure alone (biases of the sources, shifted targets), never on values, so that
+    :func:`refold` rebuilds the same modules from any weights."""
+    return bias if present else None
 
 
 def _params(*modules: nn.Module) -> int:
@@ -341,12 +361,13 @@ def _fold_site(model: nn.Module, site: str, gate: GatedActivation, linear: torch
     params_before = _params(*((owner,) if rule.glu else (fc_in, gate, fc_out)))
     macs_before = _weights(*{fc_in, value, fc_out})
     in_had_bias, out_had_bias = fc_in.bias is not None or value.bias is not None, fc_out.bias is not None
+    shifted = _shifted(gate)
 
     m = _ffn_matrices(owner, rule, units)
     nonlinear_idx = (~linear).nonzero().flatten().to(m["w_in"].device)
     linear_idx = linear.nonzero().flatten().to(m["w_in"].device)
     n = nonlinear_idx.numel()
-    scale, shift = _linear_response(n_linear)
+    scale, shift = _linear_response(gate, linear_idx)
     w_lin = scale[:, None] * m["w_val"][linear_idx]              # diag(s) W[L]
     b_lin = scale * m["b_val"][linear_idx] + shift               # s * b[L] + t
     w2_lin = m["w_out"][:, linear_idx]                           # W2[:, L]
@@ -359,7 +380,8 @@ def _fold_site(model: nn.Module, site: str, gate: GatedActivation, linear: torch
         after: tuple[nn.Module, ...] = (owner,) if rule.glu else (fc_in, act, fc_out)
     elif n == 0:
         form = "affine"
-        affine = _projection(fc_out, w2_lin @ w_lin, _bias(w2_lin @ b_lin + m["b_out"], out_had_bias))
+        affine = _projection(fc_out, w2_lin @ w_lin,
+                             _bias(w2_lin @ b_lin + m["b_out"], out_had_bias or in_had_bias or shifted))
         if rule.glu:
             _set(model, owner_name, affine)
         else:
@@ -379,8 +401,8 @@ def _fold_site(model: nn.Module, site: str, gate: GatedActivation, linear: torch
             rows_w.append(w_lin)
             rows_b.append(b_lin)
             out_w, out_b = torch.cat([m["w_out"][:, nonlinear_idx], w2_lin], 1), m["b_out"]
-        proj = _projection(fc_in, torch.cat(rows_w), _bias(torch.cat(rows_b), in_had_bias))
-        out = _projection(fc_out, out_w, _bias(out_b, out_had_bias))
+        proj = _projection(fc_in, torch.cat(rows_w), _bias(torch.cat(rows_b), in_had_bias or (shifted and not dense)))
+        out = _projection(fc_out, out_w, _bias(out_b, out_had_bias or (dense and (in_had_bias or shifted))))
         if rule.glu:
             folded_ffn = FoldedGluFFN(proj, n, act, dense, out, gate.channel_dim)
             _set(model, owner_name, folded_ffn)
@@ -442,8 +464,9 @@ def refold(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     """Fold a freshly patched ``model`` (any weights) into the structure that ``plan`` (:attr:`FoldState.plan`)
     describes, for loading folded weights into it: linear units get gate 1, the nonlinear units of ``kept_gates``
     sites a placeholder gate of 0.25 (nonlinear under any ``linear_threshold``; the loaded weights bring their real
-    values), all others 0. Totals in ``plan["total"]`` that folding does not recompute (the check forward's FLOPs,
-    a measured ``generate_speedup``) are copied into the new report."""
+    values), all others 0; ``affine_targets`` sites a placeholder target (it decides which projections get biases).
+    Totals in ``plan["total"]`` that folding does not recompute (the check forward's FLOPs, a measured
+    ``generate_speedup``) are copied into the new report."""
     gates = dict(gated_modules(model))
     unknown = sorted(set(plan["linear_units"]) - set(gates))
     if unknown:
@@ -452,6 +475,8 @@ def refold(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         gate.alpha.zero_()
         if name in plan["kept_gates"]:
             gate.alpha.fill_(0.25)
+        if name in plan.get("affine_targets", ()):
+            gate.set_targets(offset=torch.full((gate.channels,), 0.5))
         gate.alpha[torch.tensor(plan["linear_units"].get(name, []), dtype=torch.long)] = 1.0
     folded = fold(model, verify=False)
     for key, value in plan.get("total", {}).items():  # measurements the plan carries (FLOPs, a measured speed-up)
@@ -510,6 +535,7 @@ def fold(model: nn.Module, example_inputs: Any = None, verify: bool = True) -> n
                         total=total)
     plan = {"linear_units": {name: mask.nonzero().flatten().tolist() for name, mask in linear.items()},
             "kept_gates": [name for name, gate in gated_modules(model)
-                           if bool(gate.alpha.detach()[~linear[name]].any())]}
+                           if bool(gate.alpha.detach()[~linear[name]].any())],
+            "affine_targets": [name for name, gate in gated_modules(model) if gate._affine_targets() is not None]}
     setattr(folded, FOLD_ATTR, FoldState(report, plan, _source(model)))
     return folded

@@ -49,7 +49,8 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
     ``train``): ``labels`` first, then one column per metric path in ``metrics`` (``"test.bleu"`` ->
     ``test_bleu``), ``normalized_apl``, ``unnormalized_apl``, ``depth_normalized``, ``depth_unnormalized``,
     ``units``, ``nonlinear_units``, ``nonlinear_fraction`` (in [0, 1]), ``layer_nonlinear`` and ``layer_units``
-    (dicts: gated layer -> count, in the model's order), ``steps``, ``epochs`` and ``train_runtime_s`` (seconds).
+    (dicts: gated layer -> count, in the model's order), ``steps``, ``epochs`` and ``train_runtime_s`` (seconds;
+    None when ``train`` is null, i.e. a one-shot run without training).
 
     Raises ``KeyError`` naming the missing score or section.
     """
@@ -57,7 +58,7 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
         if section not in results:
             raise KeyError(f"results.json has no {section!r} section; it was not written by a recipe of this "
                            "version (rerun the run).")
-    report, total, train = results["path_length"], results["summary"]["total"], results["train"]
+    report, total, train = results["path_length"], results["summary"]["total"], results["train"] or {}
     row = dict(labels)
     row.update({metric_column(path): _score(results["scores"], path) for path in metrics})
     row.update(

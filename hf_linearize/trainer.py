@@ -43,6 +43,7 @@ would not be) and, for those backends, checkpoints are written in the Trainer's 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -66,7 +67,7 @@ from . import hub
 from .config import LinearizeConfig
 from .core_map import model_graph
 from .families import family_by_name
-from .patching import gated_modules, patch_state
+from .patching import gated_modules, is_patched, patch_model, patch_state
 from .path_length import apl
 from .sparsity import GateRegularizer, gate_stats
 
@@ -86,6 +87,17 @@ LINEARIZE_STATE_NAME = "linearize_state.pt"
 
 PATCHING_FIELDS = ("target_modules", "exclude_modules", "gate_init", "linear_threshold")
 """`LinearizeConfig` fields fixed by patching; a ``linearize_config=`` override must keep the model's values."""
+
+
+def patch_for_training(model: nn.Module, config: LinearizeConfig) -> LinearizeConfig:
+    """Patch ``model`` with ``config`` and return ``config``. A model patched already (a linearized checkpoint from
+    :func:`~hf_linearize.from_pretrained`, e.g. a baseline to fine-tune late) keeps its gates, targets and patching
+    settings; the returned config takes those from the model and everything else (prior, schedule, budget) from
+    ``config``: pass it to the trainer as ``linearize_config=``."""
+    if not is_patched(model):
+        patch_model(model, config)
+        return config
+    return dataclasses.replace(config, **{f: getattr(patch_state(model).config, f) for f in PATCHING_FIELDS})
 
 
 class LinearizeCallback(TrainerCallback):

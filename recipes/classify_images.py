@@ -23,6 +23,7 @@ from transformers import TrainingArguments, set_seed
 
 import hf_linearize as hl
 from hf_linearize.arguments import LinearizeArguments, OneShotArguments, parse_with_config
+from hf_linearize.trainer import patch_for_training
 from hf_linearize.training_plots import plot_training_curves
 from hf_linearize.vision.data import (
     check_classes,
@@ -46,6 +47,9 @@ class ModelArguments:
     model_kwargs: Optional[str] = field(default=None, metadata={"help": "timm kwargs: 'img_size=32,in_chans=1'"})
     pretrained: bool = field(default=False, metadata={"help": "timm's pretrained weights (Hub); the late setting"})
     pretrained_file: Optional[str] = field(default=None, metadata={"help": "local timm weights file, not the Hub"})
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "a linearized checkpoint folder (hl.from_pretrained: head, gates and targets kept), e.g. a "
+                "baseline's final/ to fine-tune late; replaces --model_name/--pretrained"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "checked against the data (taken from it)"})
 
 
@@ -133,17 +137,24 @@ def main() -> None:
     images = load_images(data_args, training.seed)
     class_names = check_classes(images, model_args.num_classes)
     model_kwargs = parse_kwargs(model_args.model_kwargs)
-    model = create_classifier(model_args.model_name, len(class_names), pretrained=model_args.pretrained,
-                              pretrained_file=model_args.pretrained_file, model_kwargs=model_kwargs)
-    hl.patch_model(model, linearize_config)
+    if model_args.model_name_or_path:
+        model = hl.from_pretrained(model_args.model_name_or_path)
+        if model.num_classes != len(class_names):
+            raise ValueError(f"{model_args.model_name_or_path} classifies {model.num_classes} classes, the data has "
+                             f"{len(class_names)}; use a checkpoint trained on this data.")
+    else:
+        model = create_classifier(model_args.model_name, len(class_names), pretrained=model_args.pretrained,
+                                  pretrained_file=model_args.pretrained_file, model_kwargs=model_kwargs)
+    linearize_config = patch_for_training(model, linearize_config)
     train_transform, eval_transform = image_transforms(
         model, data_args.image_size, data_args.crop_pct, data_args.augment, parse_kwargs(data_args.augment_kwargs),
         data_args.convert_channels, image_mode(images))
     trainer = hl.LinearizePlainTrainer(model=model, args=training, train_dataset=with_transform(images["train"],
-                                       train_transform), data_collator=collate, compute_loss_func=classification_loss)
+                                       train_transform), data_collator=collate, compute_loss_func=classification_loss,
+                                       linearize_config=linearize_config)
 
     output_dir = Path(training.output_dir)
-    pretrained = model_args.pretrained or model_args.pretrained_file is not None
+    pretrained = model_args.pretrained or model_args.pretrained_file is not None or model_args.model_name_or_path
     batch_size = training.per_device_eval_batch_size
     results: dict[str, Any] = {"settings": {"model": asdict(model_args), "data": asdict(data_args),
                                             "linearize": linearize_config.to_dict(), "eval": asdict(eval_args),

@@ -61,7 +61,7 @@ RECIPES = {
     "translate": RecipeSpec(ROOT / "recipes" / "translate_wmt.py", ("test.bleu", "test.chrf"),
                             {"model_name_or_path": "{final}"}, ("model_name_or_path", "preset")),
     "classify": RecipeSpec(ROOT / "recipes" / "classify_images.py", ("test.accuracy",),
-                           {"pretrained_file": "{final}/model.safetensors"}, ("model_name",)),
+                           {"model_name_or_path": "{final}"}, ("model_name",)),
 }
 SCHEDULES = ("early", "late")
 ARMS = ("baseline", "early", "late", "control")

@@ -32,6 +32,8 @@ from transformers import (
 
 import hf_linearize as hl
 from hf_linearize.arguments import LinearizeArguments, OneShotArguments, load_yaml, parse_with_config
+from hf_linearize.hub import LINEARIZE_CONFIG_NAME
+from hf_linearize.trainer import patch_for_training
 from hf_linearize.training_plots import plot_training_curves
 from hf_linearize.translation.data import (
     filter_pairs,
@@ -49,7 +51,8 @@ PRESETS = Path(__file__).resolve().parent / "configs" / "presets"
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "pretrained seq2seq checkpoint (late)"})
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "pretrained seq2seq checkpoint (late), or a linearized checkpoint folder (gates and targets kept)"})
     preset: Optional[str] = field(default=None, metadata={"help": "from scratch: transformer-tiny|small|base"})
     tokenizer_model: str = field(default="unigram", metadata={"help": "from scratch: unigram or bpe"})
     vocab_size: int = field(default=8000, metadata={"help": "from scratch: shared vocabulary size"})
@@ -109,8 +112,10 @@ def load_corpus(data: DataArguments) -> datasets.DatasetDict:
 def build_model(args: ModelArguments, corpus: datasets.DatasetDict, training: Seq2SeqTrainingArguments):
     """A pretrained checkpoint, or a preset Marian-style model with a tokenizer trained on the training data."""
     if args.model_name_or_path:
-        return (AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path),
-                AutoTokenizer.from_pretrained(args.model_name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        if (Path(args.model_name_or_path) / LINEARIZE_CONFIG_NAME).is_file():  # linearized: its gates and targets
+            return hl.from_pretrained(args.model_name_or_path), tokenizer
+        return AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path), tokenizer
     if not args.preset:
         raise ValueError("Give --model_name_or_path (pretrained) or --preset (from scratch, e.g. transformer-small).")
     preset = PRESETS / f"{args.preset}.yaml"
@@ -219,11 +224,12 @@ def main() -> None:
     linearize_config = lin_args.to_config()
     corpus = load_corpus(data_args)
     model, tokenizer = build_model(model_args, corpus, training)
-    hl.patch_model(model, linearize_config)
+    linearize_config = patch_for_training(model, linearize_config)
     encoded = tokenize(corpus, tokenizer, model_args, data_args, training)
     trainer = hl.LinearizeTrainer(
         model=model, args=training, train_dataset=encoded["train"], eval_dataset=encoded.get("validation"),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer)
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
+        linearize_config=linearize_config)
 
     output_dir = Path(training.output_dir)
     results: dict[str, Any] = {"settings": {"model": asdict(model_args), "data": asdict(data_args),

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import free_port, run_subprocess
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -149,6 +150,25 @@ def test_local_pretrained_weights_are_scored_before_training(tmp_path):
     before = json.loads((out / "results.json").read_text())["before_training"]
     assert set(before["scores"]) == {"validation", "test"} and before["scores"]["test"]["num_samples"] == 20
     assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
+
+
+def test_a_linearized_checkpoint_is_loaded_whole(tmp_path):
+    """--model_name_or_path final/: the late start of a sweep keeps the classifier head, the gates and targets."""
+    import timm
+
+    source = hl.patch_model(timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8),
+                                              stem_width=8))
+    hl.set_linear(source, 0.5)
+    hl.save_pretrained(source, tmp_path / "baseline")
+    out = tmp_path / "late"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "32",
+                 "--max_eval_samples", "20", "--model_name_or_path", str(tmp_path / "baseline"), "--train", "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["before_training"]["scores"] == results["scores"]
+    loaded = hl.from_pretrained(out / "final")
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 @pytest.mark.slow

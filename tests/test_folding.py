@@ -206,7 +206,8 @@ def test_verify_catches_a_wrong_fold(monkeypatch):
     model, _ = _patched("marian")
     hl.set_linear(model, 0.5)
     monkeypatch.setattr("hf_linearize.folding._linear_response",
-                        lambda n: (torch.full((n,), 2.0, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)))
+                        lambda gate, units: (torch.full((units.numel(),), 2.0, dtype=torch.float64),
+                                             torch.zeros(units.numel(), dtype=torch.float64)))
     with pytest.raises(RuntimeError, match="fold changed the model's output"):
         hl.fold(model)
 
@@ -300,11 +301,43 @@ def test_folded_marian_compiles(marian):
         assert torch.allclose(compiled(**inputs).logits, folded(**inputs).logits, atol=1e-5, rtol=0)
 
 
+def _set_affine_targets(model: nn.Module, seed: int = 5) -> None:
+    """Random linear targets: ``p x + q`` per elementwise unit, a constant ``q`` per GLU unit."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, gate in hl.gated_modules(model):
+        offset = torch.rand(gate.channels, generator=generator) + 0.5 if gate.kind == "glu" else \
+            torch.randn(gate.channels, generator=generator) * 0.3
+        slope = None if gate.kind == "glu" else torch.rand(gate.channels, generator=generator) + 0.5
+        gate.set_targets(slope=slope, offset=offset)
+
+
+@pytest.mark.parametrize("case", ["t5", "t5_v1_1", "timm_swiglu_vit", "marian"])
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 1.0])
+def test_affine_targets_fold_exactly(case, fraction):
+    """A linear unit with target p x + q folds into W2[:, L] diag(p) W1[L] and W2[:, L] (p b1[L] + q); a GLU unit
+    with constant target q into W2[:, L] diag(q) W_v[L]. T5 has no biases: the shift q must create one."""
+    model, inputs = _shared_patched(case)
+    _set_gates(model, fraction, structured=False, seed=4)
+    _set_affine_targets(model)
+    try:
+        folded = hl.fold(model, example_inputs=inputs)
+        with torch.no_grad():
+            assert _close(run(model, inputs), run(folded, inputs)) <= 1e-5
+        kept = [gate for _, gate in hl.gated_modules(folded)]
+        assert bool(kept) == (fraction < 1)  # nonlinear units with gates above 0 keep their gates and targets
+        assert all(gate._affine_targets() is not None for gate in kept)
+    finally:
+        for _, gate in hl.gated_modules(model):
+            gate.set_targets(slope=torch.ones(gate.channels), offset=torch.full((gate.channels,), gate.default_offset))
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("case", ["marian", "t5_v1_1", "timm_vit"])
-def test_folded_checkpoint_round_trip(case, tmp_path):
+@pytest.mark.parametrize("case,affine", [("marian", False), ("t5_v1_1", False), ("timm_vit", False), ("t5", True)])
+def test_folded_checkpoint_round_trip(case, affine, tmp_path):
     model, inputs = _patched(case)
     _set_gates(model, 0.6, structured=False, seed=2)
+    if affine:
+        _set_affine_targets(model)
     folded = hl.fold(model, example_inputs=inputs)
     hl.save_pretrained(folded, tmp_path)
     metadata = json.loads((tmp_path / "linearize_config.json").read_text())

@@ -52,6 +52,8 @@ def test_result_row_errors_name_the_missing_part(marian, rows):
     results = _results(marian, 0.0, 1.0)
     with pytest.raises(KeyError, match="no score 'test.accuracy'"):
         result_row(results, ["test.accuracy"])
+    results["train"] = None  # a one-shot run without training
+    assert result_row(results, ["test.bleu"])["steps"] is None
     del results["train"]
     with pytest.raises(KeyError, match="no 'train' section"):
         result_row(results, ["test.bleu"])
