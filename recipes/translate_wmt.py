@@ -162,8 +162,10 @@ def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer
     # Under DDP, even batches repeat samples from the start of the dataset at the end; drop them.
     ids = torch.as_tensor(output.predictions)[: len(dataset)]
     ids = torch.where(ids < 0, tokenizer.pad_token_id, ids)
-    lengths = (ids != tokenizer.pad_token_id).sum(dim=1)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True), int((lengths >= evaluation.max_new_tokens).sum())
+    # generate pads finished beams with the pad or the end-of-sentence token: an output hit the limit iff it has
+    # no end-of-sentence token at all.
+    stopped = (ids == tokenizer.eos_token_id).any(dim=1)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), int((~stopped).sum())
 
 
 def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Path]) -> dict[str, dict[str, Any]]:
