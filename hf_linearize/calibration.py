@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core_map import average_path_length
-from .folding import _main_output as main_output  # TODO(integration)
+from .folding import main_output, reader_projection
 from .gates import GatedActivation
 from .patching import _call, gated_modules, is_patched, linear_units, patch_state
 from .sparsity import linear_quota
@@ -303,23 +303,9 @@ class OneShotReport(dict):
                 f"predicted error {self['predicted_error']:.4g}")
 
 
-def _reader_projection(model, name, gate):  # TODO(integration): move to folding.py
-    from .families import family_by_name
-    from .folding import _NoFold, _fits
-
-    for rule in family_by_name(patch_state(model).family).fold_rules:
-        try:
-            owner_name = _fits(model, name, gate, rule)
-        except _NoFold:
-            continue
-        owner = model.get_submodule(owner_name) if owner_name else model
-        return owner.get_submodule(rule.fc_out)
-    return None
-
-
 def _reader_column_norms(model: nn.Module, name: str, gate: GatedActivation) -> torch.Tensor:
     """``||W_out[:, c]||^2`` of the projection that reads the site (via the family's fold rules), else ones."""
-    reader = _reader_projection(model, name, gate)
+    reader = reader_projection(model, name, gate)
     if reader is None:
         return torch.ones(gate.channels, dtype=torch.float64)
     weight = reader.weight.detach().to(torch.float64)
@@ -495,7 +481,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable[Any], 
     try:
         for name, gate in tqdm(list(gated_modules(model)), desc="reconstruct", disable=not progress):
             started = started or bool(linear[name].any())
-            reader = _reader_projection(model, name, gate)
+            reader = reader_projection(model, name, gate)
             if not started or reader is None:
                 continue
             reader_name = next(n for n, m in model.named_modules() if m is reader)

@@ -330,6 +330,15 @@ def _find_rule(model: nn.Module, site: str, gate: GatedActivation,
     return None, "; ".join(dict.fromkeys(r for r in reasons if r != _NO_RULE)) or family.fold_note
 
 
+def reader_projection(model: nn.Module, site: str, gate: GatedActivation) -> Optional[nn.Module]:
+    """The projection (``nn.Linear`` or 1x1 conv) that reads the FFN hidden layer of gated ``site``, by the first
+    fold rule of the model's family that fits it; None when none fits (CNNs, MLPs with a norm inside)."""
+    rule, owner_name = _find_rule(model, site, gate, family_by_name(patch_state(model).family))
+    if rule is None:
+        return None
+    return (model.get_submodule(owner_name) if owner_name else model).get_submodule(rule.fc_out)
+
+
 def _ffn_matrices(owner: nn.Module, rule: FoldRule, units: int) -> dict[str, torch.Tensor]:
     """float64 ``w_in, b_in`` (the site's input projection: ``W1``, or a GLU's gate ``u``), ``w_val, b_val`` (what a
     linear unit passes on: ``W1`` again, or a GLU's value ``v``) and ``w_out, b_out`` (``W2``)."""
@@ -418,7 +427,8 @@ def _fold_site(model: nn.Module, site: str, gate: GatedActivation, linear: torch
 
 
 # --------------------------------------------------------------------------------------------- public API
-def _main_output(out: Any) -> torch.Tensor:
+def main_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: itself, else ``logits``, else ``last_hidden_state``, else the first item."""
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):
@@ -433,7 +443,7 @@ def _run_counted(model: nn.Module, inputs: Any) -> tuple[torch.Tensor, int]:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            out = _main_output(_call(model, inputs))
+            out = main_output(_call(model, inputs))
     finally:
         model.train(was_training)
     return out, counter.get_total_flops()
