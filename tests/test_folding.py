@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -350,6 +351,22 @@ def test_folded_checkpoint_round_trip(case, affine, tmp_path):
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     with torch.no_grad():
         assert torch.equal(run(folded, inputs), run(loaded, inputs))
+
+
+def test_folded_model_pushes_and_loads_from_the_hub(tmp_path):
+    from hub_server import LocalHub, hub_env
+
+    model, inputs = _patched("marian")
+    hl.set_linear(model, 0.7)
+    folded = hl.fold(model, example_inputs=inputs)
+    with LocalHub(token="secret") as hub, hub_env(hub):
+        hl.push_to_hub(folded, "user/marian-folded", save_directory=tmp_path / "local")
+        loaded = hl.from_pretrained("user/marian-folded")
+        card = huggingface_hub.ModelCard.load("user/marian-folded")
+    assert hl.fold_report(loaded)["sites"] == hl.fold_report(folded)["sites"]
+    assert "This checkpoint is folded" in card.text and 'hl.from_pretrained("user/marian-folded")' in card.text
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(folded, inputs))
 
 
 def test_folded_weights_never_load_into_the_gated_architecture(tmp_path):

@@ -383,3 +383,19 @@ def test_timm_checkpoint_records_the_input_of_the_model_as_built(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(hl.from_pretrained(tmp_path).eval()(x), model.eval()(x))
+
+
+def test_format_1_checkpoint_without_gate_targets_loads(tmp_path, linearized_marian):
+    """Checkpoints written before affine gate targets existed hold only ``<site>.alpha``: they load exactly, with the
+    default targets."""
+    model, inputs = linearized_marian
+    hl.save_pretrained(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    old = {k: v for k, v in state.items() if not k.endswith((".target_slope", ".target_offset"))}
+    assert len(old) < len(state)
+    safetensors.torch.save_file(old, weights, metadata={"format": "pt"})
+    loaded = hl.from_pretrained(tmp_path)
+    assert not any(gate._affine for _, gate in hl.gated_modules(loaded))
+    with torch.no_grad():
+        assert torch.equal(run(loaded, inputs), run(model, inputs))
