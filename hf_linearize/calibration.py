@@ -197,14 +197,15 @@ def _positions(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return t.detach().movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
 
 
-def _output_mask(batch: Any, output: torch.Tensor) -> Optional[torch.Tensor]:
-    """Which positions of the main output are real tokens: the (decoder) attention mask or ``labels != -100``
-    when one matches the output's leading ``[batch, length]`` shape; None (all) otherwise."""
-    if not isinstance(batch, Mapping) or output.dim() < 3:
+def _token_mask(batch: Any, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """Which positions of a ``[batch, length, ...]`` tensor are real tokens: the (decoder) attention mask or
+    ``labels != -100``, the first that matches its leading shape; None (all) otherwise. An encoder and a decoder of
+    equal length cannot be told apart by shape: the decoder's mask is then used for both."""
+    if not isinstance(batch, Mapping) or tensor.dim() < 3:
         return None
     for key in ("decoder_attention_mask", "labels", "attention_mask"):
         value = batch.get(key)
-        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(output.shape[:2]):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(tensor.shape[:2]):
             return (value != -100) if key == "labels" else value.bool()
     return None
 
@@ -258,7 +259,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: Optional[in
                 output = main_output(_call(model, batch))
             if weighted is not None:
                 projection = torch.randn(output.shape, generator=generator, device=device, dtype=output.dtype)
-                mask = _output_mask(batch, output)
+                mask = _token_mask(batch, output)
                 if mask is not None:
                     projection = projection * mask.view(*mask.shape, *([1] * (output.dim() - 2)))
                 grads = torch.autograd.grad(output, [o for *_, o in outputs], projection, allow_unused=True)
@@ -455,9 +456,9 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable[Any], 
     """Compensate the linearization of ``model`` in place: site by site in module order, re-fit the projection
     that reads each gated site (``W_out``, ``b_out``) so that its output on ``model``'s hidden layer matches the
     ``reference`` model's output at the same place, by ridge-regularised least squares over the calibration
-    positions (padding included). Later sites see the already re-fitted earlier ones, so they also absorb the
-    error that reaches them from upstream. Sites before the first linear unit, and sites whose reader is unknown
-    (no fold rule, e.g. CNNs), are left alone.
+    positions (real tokens only, by the attention mask or labels, where one fits). Later sites see the already
+    re-fitted earlier ones, so they also absorb the error that reaches them from upstream. Sites before the first
+    linear unit, and sites whose reader is unknown (no fold rule, e.g. CNNs), are left alone.
 
     Args:
         reference: the model before linearization (e.g. ``copy.deepcopy(model)`` taken before
@@ -505,13 +506,22 @@ def _refit(model: nn.Module, reference: nn.Module, reader: nn.Module, target_rea
     energy, positions = 0.0, 0
     inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    hooks = [reader.register_forward_pre_hook(lambda m, args: inputs.append(_rows(args[0], channels_first).cpu())),
-             target_reader.register_forward_hook(lambda m, args, out: targets.append(_rows(out, channels_first).cpu()))]
+    hooks = [reader.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach())),
+             target_reader.register_forward_hook(lambda m, args, out: targets.append(out.detach()))]
+
+    def rows(tensors: list[torch.Tensor], batch: Any) -> torch.Tensor:  # real tokens only, when a mask fits
+        picked = []
+        for t in tensors:
+            mask = _token_mask(batch, t)
+            flat = _rows(t, channels_first)
+            picked.append((flat[mask.reshape(-1)] if mask is not None else flat).cpu())
+        return torch.cat(picked)
+
     try:
         for batch in batches:
             _call(model, batch)
             _call(reference, batch)
-            h, y = torch.cat(inputs), torch.cat(targets)
+            h, y = rows(inputs, batch), rows(targets, batch)
             inputs.clear()
             targets.clear()
             if bias:
