@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 import yaml
+from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
 from .config import LinearizeConfig, Pattern, Schedule
+
+logger = logging.getLogger(__name__)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -173,6 +177,22 @@ class OneShotArguments:
         "help": "training batches (of per_device_eval_batch_size, the first ones, unshuffled) to calibrate on"})
     train: bool = dataclasses.field(default=True, metadata={
         "help": "train after the one-shot step (false: only linearize and score)"})
+
+    def linearize(self, model: Any, examples: Any, collate_fn: Callable[[list[Any]], Any], batch_size: int,
+                  inputs: Callable[[Any], Any] = lambda batch: batch, progress: bool = True) -> dict[str, Any]:
+        """Run :func:`hf_linearize.one_shot` on ``model`` to ``one_shot_budget``, calibrated on the first
+        ``calibration_batches * batch_size`` of ``examples`` (a dataset, unshuffled, so every rank of a distributed
+        run sees the same batches and linearizes the same units); ``inputs`` turns a collated batch into model
+        inputs. Returns the report plus ``calibration_examples``."""
+        from .calibration import one_shot
+
+        subset = examples.select(range(min(len(examples), self.calibration_batches * batch_size)))
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
+        report = one_shot(model, (inputs(batch) for batch in loader), nonlinear_fraction=self.one_shot_budget,
+                          target=self.one_shot_target, score=self.one_shot_score, compensate=self.one_shot_compensate,
+                          progress=progress)
+        logger.info("%s (%.0f s)", report, report["seconds"])
+        return {**report, "calibration_examples": len(subset)}
 
     def __post_init__(self) -> None:
         if self.one_shot_budget is not None and not 0.0 <= self.one_shot_budget <= 1.0:

@@ -114,18 +114,6 @@ def gate_digest(model) -> str:
     return digest.hexdigest()
 
 
-def linearize_one_shot(model, train: datasets.Dataset, transform, args: OneShotArguments,
-                       batch_size: int) -> dict[str, Any]:
-    """Post-training linearization to ``--one_shot_budget``, calibrated on the first training images (evaluation
-    transform, no augmentation; the same on every rank)."""
-    images = with_transform(train.select(range(min(len(train), args.calibration_batches * batch_size))), transform)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, collate_fn=collate)
-    report = hl.one_shot(model, (batch["x"] for batch in loader), nonlinear_fraction=args.one_shot_budget,
-                         target=args.one_shot_target, score=args.one_shot_score, compensate=args.one_shot_compensate)
-    logger.info("%s (%.0f s)", report, report["seconds"])
-    return {**report, "calibration_images": len(images)}
-
-
 def main() -> None:
     model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
         (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, TrainingArguments))
@@ -164,7 +152,9 @@ def main() -> None:
         results["before_training"] = {"scores": score(model, images, eval_transform, batch_size)[0],
                                       "path_length": hl.path_length_report(model)}
     if one_shot_args.one_shot_budget is not None:
-        results["one_shot"] = linearize_one_shot(model, images["train"], eval_transform, one_shot_args, batch_size)
+        # the evaluation transform (no augmentation); a timm model takes the image batch alone
+        results["one_shot"] = one_shot_args.linearize(model, with_transform(images["train"], eval_transform), collate,
+                                                      batch_size, inputs=lambda batch: batch["x"])
         results["one_shot"]["scores"] = score(model, images, eval_transform, batch_size)[0]
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     final_model = trainer.accelerator.unwrap_model(model)

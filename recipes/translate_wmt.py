@@ -204,19 +204,6 @@ def compare_folded(gated, folded, corpus, encoded, tokenizer, batch_size: int) -
             "scores": translation_scores(hypotheses["folded"], corpus[split]["target"])}
 
 
-def linearize_one_shot(trainer: hl.LinearizeTrainer, train: datasets.Dataset, args: OneShotArguments,
-                       batch_size: int) -> dict[str, Any]:
-    """Post-training linearization to ``--one_shot_budget``, calibrated on the first training pairs, teacher
-    forced (the same batches on every rank, so every rank linearizes the same units)."""
-    pairs = train.select(range(min(len(train), args.calibration_batches * batch_size)))
-    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=trainer.data_collator)
-    report = hl.one_shot(trainer.model, loader, nonlinear_fraction=args.one_shot_budget, target=args.one_shot_target,
-                         score=args.one_shot_score, compensate=args.one_shot_compensate,
-                         progress=trainer.is_world_process_zero())
-    logger.info("%s (%.0f s)", report, report["seconds"])
-    return {**report, "calibration_pairs": len(pairs)}
-
-
 def main() -> None:
     model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
         (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, Seq2SeqTrainingArguments))
@@ -242,8 +229,10 @@ def main() -> None:
         results["before_training"] = {"scores": score(trainer, corpus, encoded, tokenizer, eval_args, None),
                                       "path_length": hl.path_length_report(model)}
     if one_shot_args.one_shot_budget is not None:
-        results["one_shot"] = linearize_one_shot(trainer, encoded["train"], one_shot_args,
-                                                 training.per_device_eval_batch_size)
+        # teacher forced: the collated pairs carry labels, from which the decoder inputs are built
+        results["one_shot"] = one_shot_args.linearize(model, encoded["train"], trainer.data_collator,
+                                                      training.per_device_eval_batch_size,
+                                                      progress=trainer.is_world_process_zero())
         results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")

@@ -183,7 +183,7 @@ def test_one_shot_linearizes_a_vit_before_it_is_scored(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     one_shot = results["one_shot"]
-    assert one_shot["calibration_images"] == 32 and one_shot["reconstruct"]
+    assert one_shot["calibration_examples"] == 32 and one_shot["reconstruct"]
     assert one_shot["nonlinear_fraction"] == results["summary"]["total"]["nonlinear_fraction"] == 0.25
     assert results["train"] is None and results["scores"] == one_shot["scores"]
     model = hl.from_pretrained(out / "final")

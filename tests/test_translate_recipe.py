@@ -178,7 +178,7 @@ def test_one_shot_then_recovery_fine_tune(tmp_path, train):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     one_shot = results["one_shot"]
-    assert one_shot["nonlinear_fraction"] == 0.5 and one_shot["calibration_pairs"] == 16
+    assert one_shot["nonlinear_fraction"] == 0.5 and one_shot["calibration_examples"] == 16
     assert set(one_shot["scores"]) == {"validation", "test"} and set(results["before_training"]["scores"])
     assert one_shot["reconstruct"], "the FFN output projections were re-fitted"
     model = hl.from_pretrained(out / "final")

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import datasets
 
+from ..hub_datasets import load_hub_dataset
 from .synthetic import synthetic_pairs
 
 PathLike = Union[str, os.PathLike]
@@ -98,13 +99,7 @@ def load_hub(dataset_name: str, config_name: Optional[str], source_lang: str, ta
     """A Hub dataset with a ``translation`` column, e.g. ``wmt16`` ``de-en``. Fails fast offline."""
     hint = ("Use local files instead: --data_dir DIR with Moses-style {split}.{lang}[.gz] files, "
             "--train_file/--validation_file/--test_file with JSON lines, or --dataset_name synthetic.")
-    if datasets.config.HF_HUB_OFFLINE:
-        raise ConnectionError(f"Cannot download dataset {dataset_name!r}: the Hugging Face Hub is offline "
-                              f"(HF_HUB_OFFLINE=1). {hint}")
-    try:
-        raw = datasets.load_dataset(dataset_name, config_name)
-    except (ConnectionError, OSError) as error:
-        raise ConnectionError(f"Cannot download dataset {dataset_name!r} ({error}). {hint}") from error
+    raw = load_hub_dataset(dataset_name, config_name, hint)
     return datasets.DatasetDict({
         SPLIT_ALIASES.get(split, split): ds.map(
             lambda ex: {"source": ex["translation"][source_lang], "target": ex["translation"][target_lang]},

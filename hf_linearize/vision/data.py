@@ -15,6 +15,8 @@ import datasets
 import numpy as np
 import torch
 
+from ..hub_datasets import load_hub_dataset
+
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
                  "dev": "validation", "test": "test"}
 """Split names of Hub datasets -> the names used here."""
@@ -41,13 +43,7 @@ def load_hub(name: str, config_name: Optional[str] = None, image_column: Optiona
 
     Fails fast offline (``ConnectionError`` naming the local options).
     """
-    if datasets.config.HF_HUB_OFFLINE:
-        raise ConnectionError(f"Cannot download dataset {name!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1). "
-                              f"{LOCAL_OPTIONS}")
-    try:
-        raw = datasets.load_dataset(name, config_name)
-    except (ConnectionError, OSError) as error:
-        raise ConnectionError(f"Cannot download dataset {name!r} ({error}). {LOCAL_OPTIONS}") from error
+    raw = load_hub_dataset(name, config_name, LOCAL_OPTIONS)
     return standardize(datasets.DatasetDict({SPLIT_ALIASES.get(s, s): ds for s, ds in raw.items()}),
                        image_column, label_column)
 
