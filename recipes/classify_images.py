@@ -10,21 +10,19 @@ Outputs in ``output_dir``: the linearized timm checkpoint with its model card (`
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
-import torch
 from accelerate.utils import gather_object
 from transformers import TrainingArguments, set_seed
 
 import hf_linearize as hl
 from hf_linearize.arguments import LinearizeArguments, OneShotArguments, parse_with_config
 from hf_linearize.trainer import patch_for_training
-from hf_linearize.training_plots import plot_training_curves
+from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.vision.data import (
     check_classes,
     collate,
@@ -182,16 +180,10 @@ def main() -> None:
         else:
             hl.save_pretrained(final_model, output_dir / "final", **card)
         plots = output_dir / "plots"
-        if train_result is not None:
-            plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
-        hl.plot_core_map(report, plots / "core_map.png")
         plot_confusion_matrix(matrix, class_names, plots / "confusion_matrix.png",
                               title=f"{model_args.model_name} on {headline_split}")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        print(f"\n{headline_split} accuracy {100 * headline['accuracy']:.2f}%  "
-              f"normalized APL {report['normalized_apl']:.3f} of {report['depth']['normalized']:.3f}  "
-              f"nonlinear fraction {results['summary']['total']['nonlinear_fraction']:.3f}\n"
-              f"outputs in {output_dir}")
+        write_run_outputs(output_dir, results, trainer.state.log_history if train_result else None,
+                          f"{headline_split} accuracy {100 * headline['accuracy']:.2f}%")
     trainer.accelerator.wait_for_everyone()
 
 

@@ -9,7 +9,6 @@ folded checkpoint (``final_folded/``) and its comparison with the gated model (`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ import hf_linearize as hl
 from hf_linearize.arguments import LinearizeArguments, OneShotArguments, load_yaml, parse_with_config
 from hf_linearize.hub import LINEARIZE_CONFIG_NAME
 from hf_linearize.trainer import patch_for_training
-from hf_linearize.training_plots import plot_training_curves
+from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.translation.data import (
     filter_pairs,
     load_hub,
@@ -264,15 +263,8 @@ def main() -> None:
                                **dict(card, model_name=output_dir.name + "-folded"))
             logger.info("folded: generate %.2fx faster, %.0f%% identical translations",
                         results["folded"]["generate_speedup"], 100 * results["folded"]["identical_translations"])
-        plots = output_dir / "plots"
-        if train_result is not None:
-            plot_training_curves(trainer.state.log_history, plots / "training_curves.png")
-        hl.plot_core_map(report, plots / "core_map.png")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        print(f"\nBLEU {headline.get('bleu', math.nan):.2f}  chrF {headline.get('chrf', math.nan):.2f}  "
-              f"normalized APL {report['normalized_apl']:.3f} of {report['depth']['normalized']:.3f}  "
-              f"nonlinear fraction {results['summary']['total']['nonlinear_fraction']:.3f}\n"
-              f"outputs in {output_dir}")
+        write_run_outputs(output_dir, results, trainer.state.log_history if train_result else None,
+                          f"BLEU {headline.get('bleu', math.nan):.2f}  chrF {headline.get('chrf', math.nan):.2f}")
     trainer.accelerator.wait_for_everyone()
 
 
