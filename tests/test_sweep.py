@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -11,20 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_subprocess
+from conftest import load_script, run_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "recipes" / "sweep.py"
 TINY = ROOT / "recipes" / "configs" / "sweeps" / "tiny_synthetic.yaml"
 SWEEP_CONFIGS = sorted((ROOT / "recipes" / "configs" / "sweeps").glob("*.yaml"))
-
-
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(tmp_path: Path, **changes) -> Path:
@@ -42,7 +33,7 @@ def _write(tmp_path: Path, **changes) -> Path:
 
 
 def test_sweep_configs_load_and_plan_both_schedules():
-    sweep = _sweep_module()
+    sweep = load_script(SWEEP)
     assert {"tiny_synthetic", "multi30k", "mnist_resnet", "mnist_vit"} <= {p.stem for p in SWEEP_CONFIGS}
     for config in SWEEP_CONFIGS:
         loaded = sweep.load_sweep(config)
@@ -59,12 +50,12 @@ def test_sweep_configs_load_and_plan_both_schedules():
 
 
 def test_multi30k_sweep_reaches_five_percent():
-    sweep = _sweep_module().load_sweep(ROOT / "recipes" / "configs" / "sweeps" / "multi30k.yaml")
+    sweep = load_script(SWEEP).load_sweep(ROOT / "recipes" / "configs" / "sweeps" / "multi30k.yaml")
     assert sweep.budget_metric == "nonlinear_fraction" and min(sweep.budgets) <= 0.05
 
 
 def test_dry_run_prints_grid_and_commands(tmp_path, capsys):
-    sweep = _sweep_module()
+    sweep = load_script(SWEEP)
     out = tmp_path / "out"
     assert sweep.main(["--config", str(TINY), "--output_dir", str(out), "--dry_run", "--", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
@@ -83,7 +74,7 @@ def test_dry_run_prints_grid_and_commands(tmp_path, capsys):
 
 
 def test_command_line_options_replace_the_yaml(tmp_path):
-    sweep = _sweep_module()
+    sweep = load_script(SWEEP)
     loaded = sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.3], lambdas=[0.5, 2.0],
                               schedules=["late"])
     runs = sweep.plan(loaded)
@@ -112,7 +103,7 @@ def test_command_line_options_replace_the_yaml(tmp_path):
     ({"overrides": [1, 2]}, "mapping"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path, changes, message):
-    sweep = _sweep_module()
+    sweep = load_script(SWEEP)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         sweep.load_sweep(_write(tmp_path, **changes))
 
@@ -121,7 +112,7 @@ def test_base_config_with_a_budget_is_refused(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text((ROOT / "recipes" / "configs" / "synthetic.yaml").read_text() + "budget_target: 0.3\n")
     with pytest.raises(ValueError, match="Remove budget_target"):
-        _sweep_module().load_sweep(_write(tmp_path, base_config=str(base)))
+        load_script(SWEEP).load_sweep(_write(tmp_path, base_config=str(base)))
 
 
 def _sweep(*args: str):
@@ -183,7 +174,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
 
 
 def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
-    sweep = _sweep_module()
+    sweep = load_script(SWEEP)
     loaded = sweep.load_sweep(TINY, output_dir=str(tmp_path))
     run = sweep.plan(loaded)[1]
     run.directory.mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from conftest import MULTI30K, free_port, run_subprocess
+from conftest import MULTI30K, free_port, load_script, run_subprocess
 from huggingface_hub import ModelCard
 
 import hf_linearize as hl
@@ -56,14 +55,6 @@ def _check_outputs(out: Path, references: list[str]) -> dict:
     return results
 
 
-def _recipe_module():
-    spec = importlib.util.spec_from_file_location("translate_wmt", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the recipe's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def _recipe_argument_types(recipe) -> tuple[type, ...]:
     from transformers import Seq2SeqTrainingArguments
 
@@ -84,7 +75,7 @@ def test_translation_configs_are_found():
 def test_recipe_configs_parse(config, tmp_path):
     from hf_linearize.arguments import load_yaml, parse_with_config
 
-    recipe = _recipe_module()
+    recipe = load_script(RECIPE)
     argv = ["--config", str(config), "--output_dir", str(tmp_path), "--bf16", "false"]
     _, _, lin_args, _, _ = parse_with_config(_recipe_argument_types(recipe), argv)
     linearize = lin_args.to_config()
@@ -104,7 +95,7 @@ def test_targets_are_truncated_with_max_target_length(tmp_path):
     from hf_linearize.translation.synthetic import synthetic_pairs
     from hf_linearize.translation.tokenizer import train_shared_tokenizer
 
-    recipe = _recipe_module()
+    recipe = load_script(RECIPE)
     tokenizer = train_shared_tokenizer((t for p in synthetic_pairs(200) for t in p), vocab_size=120)
     long = " ".join(["the small dog sees the red house"] * 6)
     corpus = datasets.DatasetDict(train=datasets.Dataset.from_dict({"source": [long], "target": [long]}))
