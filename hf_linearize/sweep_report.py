@@ -13,9 +13,9 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -25,6 +25,8 @@ PathLike = Union[str, os.PathLike]
 
 SCHEDULE_STYLE = {"early": ("tab:blue", "o"), "late": ("tab:red", "s")}
 """Curve colour and marker of each prior schedule in :func:`plot_quality_vs_apl`."""
+OTHER_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
+"""Curve colours of any other schedule (e.g. the one-shot methods ``one_shot_affine``), in sorted order."""
 REFERENCE_STYLE = {"baseline": ("black", "-"), "control": ("tab:gray", "--")}
 """Horizontal-line colour and style of each run without a prior (the baseline, the same-compute control)."""
 
@@ -49,7 +51,8 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
     ``train``): ``labels`` first, then one column per metric path in ``metrics`` (``"test.bleu"`` ->
     ``test_bleu``), ``normalized_apl``, ``unnormalized_apl``, ``depth_normalized``, ``depth_unnormalized``,
     ``units``, ``nonlinear_units``, ``nonlinear_fraction`` (in [0, 1]), ``layer_nonlinear`` and ``layer_units``
-    (dicts: gated layer -> count, in the model's order), ``steps``, ``epochs`` and ``train_runtime_s`` (seconds;
+    (dicts: gated layer -> count, in the model's order), the core network's ``active_layers`` (gated layers with
+    a nonlinear unit left) and ``core_width`` (their mean nonlinear units; 0 without one), ``steps``, ``epochs`` and ``train_runtime_s`` (seconds;
     None when ``train`` is null, i.e. a one-shot run without training).
 
     Raises ``KeyError`` naming the missing score or section.
@@ -71,6 +74,11 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
         nonlinear_fraction=total["nonlinear_fraction"],
         layer_nonlinear={name: layer["nonlinear"] for name, layer in report["layers"].items()},
         layer_units={name: layer["units"] for name, layer in report["layers"].items()},
+    )
+    active = [layer["nonlinear"] for layer in report["layers"].values() if layer["nonlinear"] > 0]
+    row.update(
+        active_layers=len(active),
+        core_width=sum(active) / len(active) if active else 0.0,
         steps=train.get("steps"),
         epochs=train.get("epochs"),
         train_runtime_s=train.get("runtime_s"),
@@ -103,20 +111,34 @@ def _groups(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Map
     return groups
 
 
-def plot_quality_vs_apl(rows: Sequence[Mapping[str, Any]], path: PathLike, metric: str) -> Path:
-    """PNG of the ``metric`` column against ``normalized_apl``: one panel per (task, model), one curve per prior
-    schedule (``early``, ``late``; points sorted by APL, labelled with their budget), the ``baseline`` and
-    ``control`` runs as horizontal lines, the full depth as a dotted vertical line. Rows need ``schedule``;
-    raises ``ValueError`` when no row has the metric. Returns the path (its folder is created)."""
+def curve_styles(schedules: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Colour and marker of each schedule drawn as a curve: ``early`` and ``late`` as in ``SCHEDULE_STYLE``, any
+    other (e.g. ``one_shot_affine``) in ``OTHER_COLORS`` order, sorted by name; the reference runs (baseline,
+    control) are lines, not curves, and are left out."""
+    present = set(schedules) - set(REFERENCE_STYLE)
+    others = sorted(present - set(SCHEDULE_STYLE))
+    return {**{s: style for s, style in SCHEDULE_STYLE.items() if s in present},
+            **{s: (OTHER_COLORS[i % len(OTHER_COLORS)], "^") for i, s in enumerate(others)}}
+
+
+def plot_quality_vs_apl(rows: Sequence[Mapping[str, Any]], path: PathLike, metric: str,
+                        schedules: Optional[Iterable[str]] = None) -> Path:
+    """PNG of the ``metric`` column against ``normalized_apl``: one panel per (task, model), one curve per
+    schedule (``early``, ``late``, then any other such as ``one_shot_affine``; only those in ``schedules`` when
+    given; points sorted by APL, labelled with their budget), the ``baseline`` and ``control`` runs as horizontal
+    lines, the full depth as a dotted vertical line. Rows need ``schedule``; raises ``ValueError`` when no row has
+    the metric. Returns the path (its folder is created)."""
     from matplotlib.figure import Figure
 
-    rows = [row for row in rows if row.get(metric) is not None and not math.isnan(float(row[metric]))]
+    keep = None if schedules is None else set(schedules) | set(REFERENCE_STYLE)
+    rows = [row for row in rows if row.get(metric) is not None and not math.isnan(float(row[metric]))
+            and (keep is None or row.get("schedule") in keep)]
     if not rows:
         raise ValueError(f"No run has the metric {metric!r} to plot.")
     groups = _groups(rows)
     figure = Figure(figsize=(5.2 * len(groups), 4.0), layout="constrained")
     for axis, ((task, model), members) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups.items()):
-        for schedule, (color, marker) in SCHEDULE_STYLE.items():
+        for schedule, (color, marker) in curve_styles(str(row.get("schedule")) for row in members).items():
             points = sorted((row["normalized_apl"], row[metric], row.get("budget_target")) for row in members
                             if row.get("schedule") == schedule)
             if points:

@@ -1,14 +1,16 @@
 """Sweep linearization budgets and prior weights, early against late, by running a recipe once per grid point.
 
     python recipes/sweep.py --config recipes/configs/sweeps/multi30k.yaml [--dry_run] [--output_dir DIR]
-        [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late] [--baseline_run DIR]
+        [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--baseline_run DIR]
         [--launcher "accelerate launch --num_processes 2"] [-- --recipe_flag value ...]
 
 The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels, the
 grid (``budgets`` on ``budget_metric``, ``lambdas``, ``schedules``), the ``metrics`` to tabulate, and recipe flags
 for every run (``overrides``) and per arm (``baseline``, ``early``, ``late``, ``control``: each a mapping with
-``overrides``; ``baseline`` may instead name an existing finished ``run``). Command-line options replace the YAML's,
-and recipe flags after ``--`` are appended to every run's command, so they win over both.
+``overrides``; ``baseline`` may instead name an existing finished ``run``). An optional ``one_shot`` mapping names
+post-training methods, each with its recipe flags (e.g. ``identity: {one_shot_target: identity, train: false}``).
+Command-line options replace the YAML's, and recipe flags after ``--`` are appended to every run's command, so they
+win over both.
 
 Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/log.txt`` holds its output):
 
@@ -16,13 +18,17 @@ Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/l
 * ``early_*``: from scratch with the base config, the prior on from step 0, one run per budget and lambda;
 * ``late_*``: the baseline's ``final/`` checkpoint fine-tuned with the prior on from step 0 (the fine-tune length is
   the ``late`` arm's ``num_train_epochs``/``max_steps``);
+* ``one_shot_METHOD_*`` (schedule ``one_shot``, with a ``one_shot`` mapping): the baseline's ``final/`` linearized in
+  one shot to each budget (``--one_shot_budget``, a nonlinear fraction) with the method's flags, the prior off;
+  with ``train: false`` it is only scored, otherwise the fine-tune that follows is a recovery fine-tune;
 * ``control`` (when the YAML has a ``control`` key): the same fine-tune from the baseline without the prior, i.e.
   the baseline trained for the same extra compute as every late run.
 
 A run whose ``results.json`` exists is skipped, so an interrupted sweep resumes where it stopped. Then the sweep
 writes ``results.csv``/``results.json`` (one row per run, see `hf_linearize.sweep_report.result_row`, plus the
 compute: ``wall_s`` of the run, ``total_epochs``/``total_wall_s`` counting the baseline for late and control runs),
-``quality_vs_apl.png`` and ``core_maps.png`` into ``output_dir``.
+``quality_vs_apl.png`` (early and late), ``one_shot_vs_apl.png`` (the one-shot methods and late, when the sweep has
+them) and ``core_maps.png`` into ``output_dir``.
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ RECIPES = {
     "classify": RecipeSpec(ROOT / "recipes" / "classify_images.py", ("test.accuracy",),
                            {"model_name_or_path": "{final}"}, ("model_name",)),
 }
-SCHEDULES = ("early", "late")
+SCHEDULES = ("early", "late", "one_shot")
 ARMS = ("baseline", "early", "late", "control")
 KEYS = {"recipe", "task", "model", "base_config", "output_dir", "budget_metric", "budgets", "lambdas", "schedules",
-        "metrics", "overrides", "late_init", *ARMS}
+        "metrics", "overrides", "late_init", "one_shot", *ARMS}
 METRIC_ABBREVIATIONS = {"nonlinear_fraction": "nf", "normalized_apl": "apl"}
 
 
@@ -88,6 +94,8 @@ class Sweep:
     arms: dict[str, dict[str, Any]]
     """Arm name -> its recipe flags; ``control`` is present only when the sweep runs one."""
     late_init: dict[str, str]
+    one_shot: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """One-shot method name -> its recipe flags (the ``one_shot`` schedule)."""
     baseline_run: Optional[Path] = None
 
 
@@ -97,7 +105,7 @@ class Run:
 
     name: str
     schedule: str
-    """``baseline``, ``early``, ``late`` or ``control``."""
+    """``baseline``, ``early``, ``late``, ``control`` or ``one_shot_METHOD``."""
     directory: Path
     flags: dict[str, Any] = field(default_factory=dict)
     budget_target: Optional[float] = None
@@ -107,7 +115,7 @@ class Run:
 
     @property
     def from_baseline(self) -> bool:
-        return self.schedule in ("late", "control")
+        return self.schedule in ("late", "control") or self.schedule.startswith("one_shot")
 
     @property
     def done(self) -> bool:
@@ -169,9 +177,18 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
     if budget_metric == "nonlinear_fraction" and any(b is not None and b > 1 for b in budget_list):
         raise ValueError(f"budgets {budget_list} are nonlinear fractions and must lie in [0, 1].")
     lambda_list = _numbers(list(lambdas) if lambdas is not None else data.get("lambdas"), "lambdas", False)
-    schedule_list = list(schedules) if schedules is not None else data.get("schedules", list(SCHEDULES))
+    one_shot = {str(name): _mapping(flags, f"one_shot.{name}")
+                for name, flags in _mapping(data.get("one_shot"), "one_shot").items()}
+    default_schedules = ["early", "late"] + (["one_shot"] if one_shot else [])
+    schedule_list = list(schedules) if schedules is not None else data.get("schedules", default_schedules)
     if not isinstance(schedule_list, list) or not schedule_list or set(schedule_list) - set(SCHEDULES):
         raise ValueError(f"schedules must be a non-empty list drawn from {list(SCHEDULES)}; got {schedule_list!r}.")
+    if "one_shot" in schedule_list and not one_shot:
+        raise ValueError(f"{path}: schedule 'one_shot' needs a 'one_shot' mapping of method names to recipe flags, "
+                         "e.g. one_shot: {affine: {train: false}}.")
+    if one_shot and budget_metric != "nonlinear_fraction":
+        raise ValueError(f"{path}: one-shot methods linearize to a nonlinear fraction; set budget_metric to "
+                         f"nonlinear_fraction or drop 'one_shot' (got {budget_metric!r}).")
     metrics = data.get("metrics", list(RECIPES[recipe].metrics))
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) and m for m in metrics):
         raise ValueError(f"{path}: metrics must be a non-empty list of score paths such as 'test.bleu'.")
@@ -196,7 +213,7 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
                  output_dir=Path(output).resolve(), budget_metric=budget_metric, budgets=budget_list,
                  lambdas=lambda_list, schedules=schedule_list, metrics=metrics,
                  overrides=_mapping(data.get("overrides"), "overrides"), arms=arms,
-                 late_init={k: str(v) for k, v in late_init.items()},
+                 late_init={k: str(v) for k, v in late_init.items()}, one_shot=one_shot,
                  baseline_run=Path(run).resolve() if run else None)
 
 
@@ -207,15 +224,15 @@ def run_name(schedule: str, budget_metric: str, budget: Optional[float], prior_l
 
 
 def plan(sweep: Sweep) -> list[Run]:
-    """Every run of the sweep in the order they must run: the baseline, the early runs, then the late runs and the
-    control, which start from the baseline's ``final/`` checkpoint."""
+    """Every run of the sweep in the order they must run: the baseline, the early runs, then the late runs, the
+    one-shot runs and the control, which start from the baseline's ``final/`` checkpoint."""
     runs_dir = sweep.output_dir / "runs"
     baseline = (Run("baseline", "baseline", sweep.baseline_run, external=True) if sweep.baseline_run else
                 Run("baseline", "baseline", runs_dir / "baseline",
                     {**sweep.overrides, **sweep.arms.get("baseline", {}), "prior_lambda": 0.0}))
     start = {key: value.format(final=baseline.directory / "final") for key, value in sweep.late_init.items()}
     runs = [baseline]
-    for schedule in SCHEDULES:
+    for schedule in ("early", "late"):
         if schedule not in sweep.schedules:
             continue
         for budget in sweep.budgets:
@@ -227,6 +244,13 @@ def plan(sweep: Sweep) -> list[Run]:
                          **(start if schedule == "late" else {}), **grid}
                 name = run_name(schedule, sweep.budget_metric, budget, prior_lambda)
                 runs.append(Run(name, schedule, runs_dir / name, flags, budget, prior_lambda))
+    for method, method_flags in sweep.one_shot.items() if "one_shot" in sweep.schedules else ():
+        for budget in (b for b in sweep.budgets if b is not None):
+            flags = {**sweep.overrides, **start, "eval_before_training": False, "prior_lambda": 0.0,
+                     "one_shot_budget": budget, **method_flags}
+            name = f"one_shot_{method}_{METRIC_ABBREVIATIONS[sweep.budget_metric]}{budget:g}"
+            runs.append(Run(name, f"one_shot_{method}", runs_dir / name, flags, budget,
+                            float(flags["prior_lambda"])))
     if "control" in sweep.arms:
         flags = {**sweep.overrides, **sweep.arms.get("late", {}), **sweep.arms["control"], **start,
                  "prior_lambda": 0.0}
@@ -265,9 +289,12 @@ def _flag(name: str, flags: dict[str, Any], extra: Sequence[str], base: dict[str
 
 
 def planned_length(run: Run, extra: Sequence[str], base: dict[str, Any]) -> str:
-    """The run's training length as configured: ``N steps`` when ``max_steps`` > 0, else ``N epochs``."""
+    """The run's training length as configured: ``no training`` (``train: false``), ``N steps`` when
+    ``max_steps`` > 0, else ``N epochs``."""
     if run.external:
         return "existing run"
+    if str(_flag("train", run.flags, extra, base)).lower() == "false":
+        return "no training"
     steps = _flag("max_steps", run.flags, extra, base)
     if steps is not None and int(steps) > 0:
         return f"{int(steps)} steps"
@@ -286,7 +313,7 @@ def print_plan(sweep: Sweep, runs: Sequence[Run], launcher: Optional[str], extra
     the command line of every run still to do."""
     base = load_yaml(sweep.base_config)
     print(f"Sweep {sweep.task} ({sweep.recipe}, model {sweep.model or '?'}) -> {sweep.output_dir}")
-    print(f"{'run':<28} {'schedule':<9} {'budget':<24} {'lambda':<7} {'starts from':<12} {'training':<22} status")
+    print(f"{'run':<28} {'schedule':<21} {'budget':<24} {'lambda':<7} {'starts from':<12} {'training':<22} status")
     for run in runs:
         budget = f"{sweep.budget_metric} {run.budget_target:g}" if run.budget_target is not None else "-"
         if run.done:
@@ -295,11 +322,12 @@ def print_plan(sweep: Sweep, runs: Sequence[Run], launcher: Optional[str], extra
         else:
             status = "missing (external baseline)" if run.external else "to run"
         start = "baseline" if run.from_baseline else "scratch" if not run.external else "-"
-        length = ("baseline + " if run.from_baseline else "") + planned_length(run, extra, base)
-        print(f"{run.name:<28} {run.schedule:<9} {budget:<24} {run.prior_lambda:<7g} {start:<12} {length:<22} "
+        length = planned_length(run, extra, base)
+        length = f"baseline + {length}" if run.from_baseline and length != "no training" else length
+        print(f"{run.name:<28} {run.schedule:<21} {budget:<24} {run.prior_lambda:<7g} {start:<12} {length:<22} "
               f"{status}")
     todo = [run for run in runs if not run.done and not run.external]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs done, {len(todo)} to run.")
+    print(f"{sum(run.done for run in runs)} of {len(runs)} runs done, {len(todo)} to run.")
     for run in todo if commands else ():
         print("  " + shlex.join(recipe_command(sweep, run, launcher, extra)))
 
@@ -356,8 +384,8 @@ def collect(sweep: Sweep, runs: Sequence[Run]) -> list[dict[str, Any]]:
         row["total_epochs"], row["total_wall_s"] = row["epochs"], row["wall_s"]
         if run.from_baseline and baseline_row is not None:
             for key, own in (("total_epochs", "epochs"), ("total_wall_s", "wall_s")):
-                if row[own] is not None and baseline_row[own] is not None:
-                    row[key] = row[own] + baseline_row[own]
+                if baseline_row[own] is not None:  # a run without training (one-shot) adds no epochs
+                    row[key] = (row[own] or 0) + baseline_row[own]
         row["checkpoint"] = str(run.directory / "final")
         if run.name == "baseline":
             baseline_row = row
@@ -370,14 +398,19 @@ def report(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     csv_path, json_path = write_results(rows, sweep.output_dir)
     headline = metric_column(sweep.metrics[0])
     outputs = [csv_path, json_path]
-    outputs.append(plot_quality_vs_apl(rows, sweep.output_dir / "quality_vs_apl.png", headline))
-    if any(row["schedule"] in SCHEDULES for row in rows):
+    outputs.append(plot_quality_vs_apl(rows, sweep.output_dir / "quality_vs_apl.png", headline, ("early", "late")))
+    one_shot = sorted({row["schedule"] for row in rows if row["schedule"].startswith("one_shot_")})
+    if one_shot:  # post-training methods, with the late prior for reference
+        outputs.append(plot_quality_vs_apl(rows, sweep.output_dir / "one_shot_vs_apl.png", headline,
+                                           ("late", *one_shot)))
+    if any(row["schedule"] in ("early", "late") for row in rows):
         outputs.append(plot_core_maps(rows, sweep.output_dir / "core_maps.png"))
-    print(f"{'run':<28} {headline:>12} {'norm. APL':>10} {'nonlinear':>10} {'epochs':>8} {'total ep.':>9} "
-          f"{'wall s':>8} {'total wall s':>12}")
-    for row in rows:
+    print(f"{'run':<28} {headline:>12} {'norm. APL':>10} {'nonlinear':>10} {'core':>9} {'epochs':>8} "
+          f"{'total ep.':>9} {'wall s':>8} {'total wall s':>12}")
+    for row in rows:  # core: gated layers with a nonlinear unit left x their mean nonlinear units
         print(f"{row['run']:<28} {row[headline]:>12.4g} {row['normalized_apl']:>10.3f} "
-              f"{row['nonlinear_fraction']:>10.3f} {row['epochs'] or 0:>8.2f} {row['total_epochs'] or 0:>9.2f} "
+              f"{row['nonlinear_fraction']:>10.3f} {row['active_layers']:>3}x{row['core_width']:<5.0f} "
+              f"{row['epochs'] or 0:>8.2f} {row['total_epochs'] or 0:>9.2f} "
               f"{row['wall_s'] or 0:>8.0f} {row['total_wall_s'] or 0:>12.0f}")
     print("wrote " + ", ".join(str(p) for p in outputs))
 

@@ -83,7 +83,15 @@ class EvalArguments:
     num_beams: int = 4
     max_new_tokens: int = field(default=200, metadata={"help": "generation limit; hits are reported"})
     eval_before_training: bool = field(default=True, metadata={"help": "score a pretrained model before training"})
+    score_splits: str = field(default="validation,test", metadata={
+        "help": "comma-separated splits to translate and score (validation, test)"})
     fold: bool = field(default=False, metadata={"help": "also save the folded model (final_folded/) and compare it"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.score_splits.split(",")) - {"validation", "test"}
+        if unknown:
+            raise ValueError(f"--score_splits {self.score_splits!r} names {sorted(unknown)}; use validation and/or "
+                             "test, comma-separated.")
 
 
 def load_corpus(data: DataArguments) -> datasets.DatasetDict:
@@ -168,9 +176,9 @@ def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer
 
 
 def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Path]) -> dict[str, dict[str, Any]]:
-    """BLEU/chrF of validation and test; writes translations to ``out_dir`` when given."""
+    """BLEU/chrF of the ``score_splits`` (validation, test); writes translations to ``out_dir`` when given."""
     results = {}
-    for split in ("validation", "test"):
+    for split in evaluation.score_splits.split(","):
         if split not in corpus:
             continue
         hypotheses, truncated = translate(trainer, encoded[split], tokenizer, evaluation)
@@ -232,9 +240,12 @@ def main() -> None:
         results["one_shot"] = one_shot_args.linearize(model, encoded["train"], trainer.data_collator,
                                                       training.per_device_eval_batch_size,
                                                       progress=trainer.is_world_process_zero())
-        results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
+        if one_shot_args.train:  # without training, the final scores below are the one-shot scores
+            results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
+    if one_shot_args.one_shot_budget is not None and not one_shot_args.train:
+        results["one_shot"]["scores"] = scores
     report = hl.path_length_report(model)
     results.update(scores=scores, path_length=report, summary=dict(hl.summary(model)),
                    train=train_result and {"loss": train_result.training_loss, "steps": trainer.state.global_step,

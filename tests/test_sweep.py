@@ -41,6 +41,11 @@ def test_sweep_configs_load_and_plan_both_schedules():
         schedules = [run.schedule for run in runs]
         assert schedules[0] == "baseline" and "control" in schedules, config.name
         assert schedules.count("early") == schedules.count("late") == len(loaded.budgets) * len(loaded.lambdas)
+        one_shot = [run for run in runs if run.schedule.startswith("one_shot_")]
+        assert len(one_shot) == len(loaded.budgets) * len(loaded.one_shot) > 0, config.name
+        for run in one_shot:  # from the baseline, to the run's budget, without the prior
+            assert run.from_baseline and run.flags["one_shot_budget"] == run.budget_target, config.name
+            assert run.flags["prior_lambda"] == 0.0 and run.flags["eval_before_training"] is False, config.name
         if config.stem != "tiny_synthetic":
             assert len(loaded.budgets) >= 4, config.name
         for run in runs:
@@ -59,14 +64,16 @@ def test_dry_run_prints_grid_and_commands(tmp_path, capsys):
     out = tmp_path / "out"
     assert sweep.main(["--config", str(TINY), "--output_dir", str(out), "--dry_run", "--", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
-    names = ["baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "late_nf0.5_lam1", "late_nf0.2_lam1", "control"]
+    names = ["baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "late_nf0.5_lam1", "late_nf0.2_lam1",
+             "one_shot_affine_nf0.5", "one_shot_affine_nf0.2", "control"]
     lines = {line.split()[0]: line for line in printed.splitlines() if line.split() and line.split()[0] in names}
     assert set(lines) == set(names)
     assert all(line.endswith("to run") for line in lines.values())
     assert "12 steps" in lines["early_nf0.2_lam1"] and "8 steps" in lines["late_nf0.2_lam1"]
-    assert "0 of 6 runs done, 6 to run." in printed
+    assert "no training" in lines["one_shot_affine_nf0.2"] and "baseline + " not in lines["one_shot_affine_nf0.2"]
+    assert "0 of 8 runs done, 8 to run." in printed
     commands = [line for line in printed.splitlines() if "translate_wmt.py" in line]
-    assert len(commands) == 6 and all(line.rstrip().endswith("--seed 3") for line in commands)
+    assert len(commands) == 8 and all(line.rstrip().endswith("--seed 3") for line in commands)
     late = next(line for line in commands if "late_nf0.2_lam1" in line)
     assert f"--model_name_or_path {out / 'runs' / 'baseline' / 'final'}" in late
     assert "--budget_target 0.2 --budget_metric nonlinear_fraction" in late
@@ -94,6 +101,9 @@ def test_command_line_options_replace_the_yaml(tmp_path):
     ({"lambdas": [-1.0]}, "numbers >= 0"),
     ({"lambdas": [0.1, 0.1]}, "repeats a value"),
     ({"schedules": ["early", "middle"]}, "schedules must be"),
+    ({"schedules": ["one_shot"], "one_shot": None}, "needs a 'one_shot' mapping"),
+    ({"budget_metric": "normalized_apl", "budgets": [1.0]}, "one-shot methods linearize to a nonlinear fraction"),
+    ({"one_shot": {"affine": [1]}}, "one_shot.affine must be a mapping"),
     ({"budget_metric": "depth"}, "budget_metric must be one of"),
     ({"output_dir": None}, "output_dir"),
     ({"task": None}, "'task' is required"),
@@ -131,18 +141,19 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/results.json")}
     assert set(stamps) == {"baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "control"}
 
-    second = _sweep("--output_dir", str(out))  # resumes: only the late runs are missing
+    second = _sweep("--output_dir", str(out))  # resumes: only the late and one-shot runs are missing
     ran = [line.split()[2].rstrip(":") for line in second.splitlines() if line.startswith("[sweep] running")]
-    assert ran == ["late_nf0.5_lam1", "late_nf0.2_lam1"]
+    assert ran == ["late_nf0.5_lam1", "late_nf0.2_lam1", "one_shot_affine_nf0.5", "one_shot_affine_nf0.2"]
     assert {name: (runs / name / "results.json").stat().st_mtime_ns for name in stamps} == stamps
 
     third = _sweep("--output_dir", str(out))
-    assert "6 of 6 runs done, 0 to run." in third and "[sweep] running" not in third
+    assert "8 of 8 runs done, 0 to run." in third and "[sweep] running" not in third
 
     with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["run"] for row in rows] == ["baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "late_nf0.5_lam1",
-                                            "late_nf0.2_lam1", "control"]
+                                            "late_nf0.2_lam1", "one_shot_affine_nf0.5", "one_shot_affine_nf0.2",
+                                            "control"]
     assert json.loads((out / "results.json").read_text())[0]["run"] == "baseline"
     by_run = {row["run"]: row for row in rows}
     baseline_steps = int(by_run["baseline"]["steps"])
@@ -157,6 +168,12 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
             target = float(row["budget_target"])
             assert target - 1 / 1024 <= float(row["nonlinear_fraction"]) < 1.0  # the hard quota floors the count
             assert float(row["normalized_apl"]) < float(row["depth_normalized"])
+        elif row["schedule"] == "one_shot_affine":  # linearized exactly to the budget, scored, not trained
+            assert float(row["nonlinear_fraction"]) == pytest.approx(float(row["budget_target"]), abs=1 / 1024)
+            assert row["steps"] == "" and row["start"] == "baseline"
+            assert results["one_shot"]["scores"] == results["scores"]
+            assert results["settings"]["model"]["model_name_or_path"] == str(runs / "baseline" / "final")
+            continue
         else:
             assert float(row["nonlinear_fraction"]) == 1.0 and float(row["normalized_apl"]) == 1.75
         start = results["settings"]["model"]["model_name_or_path"]
@@ -169,7 +186,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
         else:
             assert start is None and int(row["steps"]) == baseline_steps == 12
             assert row["total_epochs"] == row["epochs"]
-    for png in ("quality_vs_apl.png", "core_maps.png"):
+    for png in ("quality_vs_apl.png", "one_shot_vs_apl.png", "core_maps.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

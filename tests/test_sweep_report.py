@@ -8,7 +8,15 @@ import json
 import pytest
 
 import hf_linearize as hl
-from hf_linearize.sweep_report import metric_column, plot_core_maps, plot_quality_vs_apl, result_row, write_results
+from hf_linearize.sweep_report import (
+    SCHEDULE_STYLE,
+    curve_styles,
+    metric_column,
+    plot_core_maps,
+    plot_quality_vs_apl,
+    result_row,
+    write_results,
+)
 
 
 def _results(marian, fraction: float, bleu: float) -> dict:
@@ -44,6 +52,9 @@ def test_result_row_reads_the_recipe_results(marian, rows):
     assert late["normalized_apl"] == pytest.approx(hl.average_path_length(model))
     assert late["unnormalized_apl"] == pytest.approx(hl.average_path_length(model, normalized=False))
     assert late["layer_units"] == {name: layer["units"] for name, layer in hl.summary(model)["layers"].items()}
+    active = [count for count in late["layer_nonlinear"].values() if count]
+    assert late["active_layers"] == len(active) and late["core_width"] == pytest.approx(sum(active) / len(active))
+    assert base["active_layers"] == 4 and base["core_width"] == pytest.approx(88 / 4)
     assert late["steps"] == 10 and late["epochs"] == 0.5 and late["train_runtime_s"] == 3.0
     assert metric_column("validation.accuracy") == "validation_accuracy"
 
@@ -75,8 +86,16 @@ def test_plots_are_pngs(tmp_path, rows):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_each_schedule_gets_its_own_curve_style():
+    styles = curve_styles(["baseline", "late", "one_shot_identity", "early", "one_shot_affine", "control", "late"])
+    assert list(styles) == ["early", "late", "one_shot_affine", "one_shot_identity"]
+    assert styles["early"] == SCHEDULE_STYLE["early"] and len({color for color, _ in styles.values()}) == 4
+
+
 def test_plots_refuse_empty_input(tmp_path, rows):
     with pytest.raises(ValueError, match="metric 'test_accuracy'"):
         plot_quality_vs_apl(rows, tmp_path / "q.png", "test_accuracy")
+    with pytest.raises(ValueError, match="metric 'test_bleu'"):  # only the schedules asked for are drawn
+        plot_quality_vs_apl(rows[1:], tmp_path / "q.png", "test_bleu", schedules=["one_shot_affine"])
     with pytest.raises(ValueError, match="No run with schedule"):
         plot_core_maps(rows[:1], tmp_path / "c.png")

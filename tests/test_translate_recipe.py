@@ -165,12 +165,13 @@ def test_one_shot_then_recovery_fine_tune(tmp_path, train):
                  "--synthetic_eval_size", "8", "--max_steps", "3", "--max_new_tokens", "8", "--num_beams", "1",
                  "--one_shot_budget", "0.5", "--calibration_batches", "2", "--per_device_eval_batch_size", "8",
                  "--prior_lambda", "1", "--prior_start", "0", "--prior_warmup", "0", "--gate_lr", "0.5",
-                 "--train", str(train).lower()])
+                 "--train", str(train).lower(), "--score_splits", "validation,test" if train else "test"])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     one_shot = results["one_shot"]
     assert one_shot["nonlinear_fraction"] == 0.5 and one_shot["calibration_examples"] == 16
-    assert set(one_shot["scores"]) == {"validation", "test"} and set(results["before_training"]["scores"])
+    assert set(one_shot["scores"]) == ({"validation", "test"} if train else {"test"})
+    assert set(results["before_training"]["scores"]) == set(one_shot["scores"])
     assert one_shot["reconstruct"], "the FFN output projections were re-fitted"
     model = hl.from_pretrained(out / "final")
     final = hl.summary(model)["total"]
@@ -181,6 +182,11 @@ def test_one_shot_then_recovery_fine_tune(tmp_path, train):
     assert any(gate._affine for gate in gates.values())
     if not train:
         assert results["train"] is None and results["scores"] == one_shot["scores"]
+
+
+def test_unknown_score_split_is_refused():
+    with pytest.raises(ValueError, match="use validation and/or test"):
+        load_script(RECIPE).EvalArguments(score_splits="validation,train")
 
 
 @pytest.mark.slow
