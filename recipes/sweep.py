@@ -1,7 +1,8 @@
 """Sweep linearization budgets and prior weights, early against late, by running a recipe once per grid point.
 
     python recipes/sweep.py --config recipes/configs/sweeps/multi30k.yaml [--dry_run] [--output_dir DIR]
-        [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--baseline_run DIR]
+        [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--one_shot_methods affine]
+        [--baseline_run DIR]
         [--launcher "accelerate launch --num_processes 2"] [-- --recipe_flag value ...]
 
 The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels, the
@@ -21,7 +22,7 @@ Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/l
 * ``one_shot_METHOD_*`` (schedule ``one_shot``, with a ``one_shot`` mapping): the baseline's ``final/`` linearized in
   one shot to each budget (``--one_shot_budget``, a nonlinear fraction) with the method's flags, the prior off;
   with ``train: false`` it is only scored, otherwise the fine-tune that follows is a recovery fine-tune;
-* ``control`` (when the YAML has a ``control`` key): the same fine-tune from the baseline without the prior, i.e.
+* ``control`` (when the YAML has a ``control`` key and the sweep runs ``late``): the same fine-tune from the baseline without the prior, i.e.
   the baseline trained for the same extra compute as every late run.
 
 A run whose ``results.json`` exists is skipped, so an interrupted sweep resumes where it stopped. Then the sweep
@@ -145,7 +146,7 @@ def _numbers(value: Any, where: str, allow_none: bool) -> list:
 
 def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Optional[Sequence[float]] = None,
                lambdas: Optional[Sequence[float]] = None, schedules: Optional[Sequence[str]] = None,
-               baseline_run: Optional[str] = None) -> Sweep:
+               baseline_run: Optional[str] = None, one_shot_methods: Optional[Sequence[str]] = None) -> Sweep:
     """Read and validate a sweep YAML; the keyword arguments (command-line options) replace its values.
 
     ``base_config`` and a ``baseline.run`` are relative to the YAML's folder, ``output_dir`` to the working
@@ -179,6 +180,11 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
     lambda_list = _numbers(list(lambdas) if lambdas is not None else data.get("lambdas"), "lambdas", False)
     one_shot = {str(name): _mapping(flags, f"one_shot.{name}")
                 for name, flags in _mapping(data.get("one_shot"), "one_shot").items()}
+    if one_shot_methods is not None:
+        unknown = sorted(set(one_shot_methods) - set(one_shot))
+        if unknown:
+            raise ValueError(f"one-shot methods {unknown} are not in {path}'s one_shot mapping {sorted(one_shot)}.")
+        one_shot = {name: flags for name, flags in one_shot.items() if name in one_shot_methods}
     default_schedules = ["early", "late"] + (["one_shot"] if one_shot else [])
     schedule_list = list(schedules) if schedules is not None else data.get("schedules", default_schedules)
     if not isinstance(schedule_list, list) or not schedule_list or set(schedule_list) - set(SCHEDULES):
@@ -251,7 +257,7 @@ def plan(sweep: Sweep) -> list[Run]:
             name = f"one_shot_{method}_{METRIC_ABBREVIATIONS[sweep.budget_metric]}{budget:g}"
             runs.append(Run(name, f"one_shot_{method}", runs_dir / name, flags, budget,
                             float(flags["prior_lambda"])))
-    if "control" in sweep.arms:
+    if "control" in sweep.arms and "late" in sweep.schedules:
         flags = {**sweep.overrides, **sweep.arms.get("late", {}), **sweep.arms["control"], **start,
                  "prior_lambda": 0.0}
         runs.append(Run("control", "control", runs_dir / "control", flags))
@@ -429,6 +435,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
     parser.add_argument("--budgets", nargs="+", type=float, help="replaces the YAML's budgets")
     parser.add_argument("--lambdas", nargs="+", type=float, help="replaces the YAML's lambdas")
     parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, help="replaces the YAML's schedules")
+    parser.add_argument("--one_shot_methods", nargs="+", help="only these of the YAML's one_shot methods")
     parser.add_argument("--baseline_run", help="an existing finished baseline run folder (with results.json and "
                         "final/) used instead of training one")
     parser.add_argument("--launcher", help="command prefix for each run, e.g. 'accelerate launch --num_processes 2' "
@@ -440,7 +447,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parse_args(argv)
-    sweep = load_sweep(args.config, args.output_dir, args.budgets, args.lambdas, args.schedules, args.baseline_run)
+    sweep = load_sweep(args.config, args.output_dir, args.budgets, args.lambdas, args.schedules, args.baseline_run,
+                       args.one_shot_methods)
     runs = plan(sweep)
     print_plan(sweep, runs, args.launcher, extra, commands=args.dry_run)
     if args.dry_run:

@@ -52,7 +52,7 @@ PRESETS = Path(__file__).resolve().parent / "configs" / "presets"
 class ModelArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "pretrained seq2seq checkpoint (late), or a linearized checkpoint folder (gates and targets kept)"})
-    preset: Optional[str] = field(default=None, metadata={"help": "from scratch: transformer-tiny|small|base"})
+    preset: Optional[str] = field(default=None, metadata={"help": "from scratch: transformer-tiny|mini|small|base"})
     tokenizer_model: str = field(default="unigram", metadata={"help": "from scratch: unigram or bpe"})
     vocab_size: int = field(default=8000, metadata={"help": "from scratch: shared vocabulary size"})
     source_prefix: str = field(default="", metadata={"help": "e.g. 'translate English to German: ' for T5"})

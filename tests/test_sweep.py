@@ -91,6 +91,10 @@ def test_command_line_options_replace_the_yaml(tmp_path):
     command = sweep.recipe_command(loaded, runs[1], "accelerate launch --num_processes 2", ["--max_steps", "3"])
     assert command[:4] == ["accelerate", "launch", "--num_processes", "2"] and command[-2:] == ["--max_steps", "3"]
     assert sweep.planned_length(runs[1], ["--max_steps", "3"], {}) == "3 steps"
+    with pytest.raises(ValueError, match=r"one-shot methods \['refit'\] are not in"):
+        sweep.load_sweep(TINY, one_shot_methods=["refit"])
+    one_shot = sweep.load_sweep(TINY, schedules=["one_shot"], one_shot_methods=["affine"], budgets=[0.3])
+    assert [run.name for run in sweep.plan(one_shot)] == ["baseline", "one_shot_affine_nf0.3"]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -139,11 +143,11 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     assert "[sweep] running baseline" in first and "[sweep] running late" not in first
     runs = out / "runs"
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/results.json")}
-    assert set(stamps) == {"baseline", "early_nf0.5_lam1", "early_nf0.2_lam1", "control"}
+    assert set(stamps) == {"baseline", "early_nf0.5_lam1", "early_nf0.2_lam1"}, "control comes with late"
 
-    second = _sweep("--output_dir", str(out))  # resumes: only the late and one-shot runs are missing
+    second = _sweep("--output_dir", str(out))  # resumes: only the late, one-shot and control runs are missing
     ran = [line.split()[2].rstrip(":") for line in second.splitlines() if line.startswith("[sweep] running")]
-    assert ran == ["late_nf0.5_lam1", "late_nf0.2_lam1", "one_shot_affine_nf0.5", "one_shot_affine_nf0.2"]
+    assert ran == ["late_nf0.5_lam1", "late_nf0.2_lam1", "one_shot_affine_nf0.5", "one_shot_affine_nf0.2", "control"]
     assert {name: (runs / name / "results.json").stat().st_mtime_ns for name in stamps} == stamps
 
     third = _sweep("--output_dir", str(out))
