@@ -2,7 +2,7 @@
 
     python recipes/sweep.py --config recipes/configs/sweeps/multi30k.yaml [--dry_run] [--output_dir DIR]
         [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--one_shot_methods affine]
-        [--baseline_run DIR]
+        [--baseline_run DIR] [--report_only]
         [--launcher "accelerate launch --num_processes 2"] [-- --recipe_flag value ...]
 
 The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels, the
@@ -392,7 +392,8 @@ def collect(sweep: Sweep, runs: Sequence[Run]) -> list[dict[str, Any]]:
             for key, own in (("total_epochs", "epochs"), ("total_wall_s", "wall_s")):
                 if baseline_row[own] is not None:  # a run without training (one-shot) adds no epochs
                     row[key] = (row[own] or 0) + baseline_row[own]
-        row["checkpoint"] = str(run.directory / "final")
+        final = run.directory / "final"  # relative to the project when inside it, so committed tables are portable
+        row["checkpoint"] = str(final.relative_to(ROOT) if final.is_relative_to(ROOT) else final)
         if run.name == "baseline":
             baseline_row = row
         rows.append(row)
@@ -442,6 +443,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
                         "(default: this Python)")
     parser.add_argument("--dry_run", action="store_true", help="print the grid, what is done and the commands; "
                         "run nothing")
+    parser.add_argument("--report_only", action="store_true", help="write the tables and plots of the finished "
+                        "runs; run nothing (e.g. after running the grid in slices)")
     return parser.parse_args(argv), extra
 
 
@@ -452,6 +455,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = plan(sweep)
     print_plan(sweep, runs, args.launcher, extra, commands=args.dry_run)
     if args.dry_run:
+        return 0
+    if args.report_only:
+        rows = collect(sweep, runs)
+        if not rows:
+            print("[sweep] no finished run to report.")
+            return 1
+        report(sweep, rows)
         return 0
     failed = []
     baseline = runs[0]

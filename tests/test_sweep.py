@@ -152,6 +152,10 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
 
     third = _sweep("--output_dir", str(out))
     assert "8 of 8 runs done, 0 to run." in third and "[sweep] running" not in third
+    (out / "results.csv").unlink()
+    partial = _sweep("--output_dir", str(out), "--schedules", "early", "--report_only")  # tables of a slice
+    assert "[sweep] running" not in partial and len((out / "results.csv").read_text().splitlines()) == 1 + 3
+    _sweep("--output_dir", str(out), "--report_only")
 
     with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
