@@ -22,8 +22,8 @@ Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/l
 * ``one_shot_METHOD_*`` (schedule ``one_shot``, with a ``one_shot`` mapping): the baseline's ``final/`` linearized in
   one shot to each budget (``--one_shot_budget``, a nonlinear fraction) with the method's flags, the prior off;
   with ``train: false`` it is only scored, otherwise the fine-tune that follows is a recovery fine-tune;
-* ``control`` (when the YAML has a ``control`` key and the sweep runs ``late``): the same fine-tune from the baseline without the prior, i.e.
-  the baseline trained for the same extra compute as every late run.
+* ``control`` (when the YAML has a ``control`` key and the sweep runs ``late``): the same fine-tune from the
+  baseline without the prior, i.e. the baseline trained for the same extra compute as every late run.
 
 A run whose ``results.json`` exists is skipped, so an interrupted sweep resumes where it stopped. Then the sweep
 writes ``results.csv``/``results.json`` (one row per run, see `hf_linearize.sweep_report.result_row`, plus the
@@ -456,16 +456,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_plan(sweep, runs, args.launcher, extra, commands=args.dry_run)
     if args.dry_run:
         return 0
-    if args.report_only:
-        rows = collect(sweep, runs)
-        if not rows:
-            print("[sweep] no finished run to report.")
-            return 1
-        report(sweep, rows)
-        return 0
     failed = []
     baseline = runs[0]
-    for run in runs:
+    for run in () if args.report_only else runs:
         if run.done:
             _warn_if_changed(sweep, run, args.launcher, extra)
             continue
