@@ -52,8 +52,8 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
     ``test_bleu``), ``normalized_apl``, ``unnormalized_apl``, ``depth_normalized``, ``depth_unnormalized``,
     ``units``, ``nonlinear_units``, ``nonlinear_fraction`` (in [0, 1]), ``layer_nonlinear`` and ``layer_units``
     (dicts: gated layer -> count, in the model's order), the core network's ``active_layers`` (gated layers with
-    a nonlinear unit left) and ``core_width`` (their mean nonlinear units; 0 without one), ``steps``, ``epochs`` and ``train_runtime_s`` (seconds;
-    None when ``train`` is null, i.e. a one-shot run without training).
+    a nonlinear unit left) and ``core_width`` (their mean nonlinear units; 0 without one), ``steps``, ``epochs``
+    and ``train_runtime_s`` (seconds; None when ``train`` is null, i.e. a one-shot run without training).
 
     Raises ``KeyError`` naming the missing score or section.
     """
@@ -62,6 +62,7 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
             raise KeyError(f"results.json has no {section!r} section; it was not written by a recipe of this "
                            "version (rerun the run).")
     report, total, train = results["path_length"], results["summary"]["total"], results["train"] or {}
+    active = [layer["nonlinear"] for layer in report["layers"].values() if layer["nonlinear"] > 0]
     row = dict(labels)
     row.update({metric_column(path): _score(results["scores"], path) for path in metrics})
     row.update(
@@ -74,9 +75,6 @@ def result_row(results: Mapping[str, Any], metrics: Sequence[str], **labels: Any
         nonlinear_fraction=total["nonlinear_fraction"],
         layer_nonlinear={name: layer["nonlinear"] for name, layer in report["layers"].items()},
         layer_units={name: layer["units"] for name, layer in report["layers"].items()},
-    )
-    active = [layer["nonlinear"] for layer in report["layers"].values() if layer["nonlinear"] > 0]
-    row.update(
         active_layers=len(active),
         core_width=sum(active) / len(active) if active else 0.0,
         steps=train.get("steps"),
