@@ -2,7 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .calibration import CalibrationStats, OneShotReport, calibrate, linearize_one_shot, one_shot, reconstruct
+from .calibration import (
+    CalibrationStats,
+    OneShotReport,
+    calibrate,
+    fit_targets,
+    linearize_one_shot,
+    one_shot,
+    reconstruct,
+)
 from .config import LinearizeConfig
 from .core_map import (
     average_path_length,
@@ -35,6 +43,7 @@ __all__ = [
     "CalibrationStats",
     "OneShotReport",
     "calibrate",
+    "fit_targets",
     "linearize_one_shot",
     "one_shot",
     "reconstruct",

@@ -165,18 +165,33 @@ LinearizeArguments.__doc__ = (
 @dataclasses.dataclass
 class OneShotArguments:
     """Recipe flags for post-training linearization (:func:`hf_linearize.one_shot`) before, or instead of,
-    training; training then continues with the linear units frozen (a recovery fine-tune)."""
+    training; training then continues with the linear units frozen (a recovery fine-tune). ``fit_targets`` gives
+    the units left nonlinear their fitted affine targets, so that a prior in the training that follows moves them
+    toward ``p x + q`` rather than the identity."""
 
     one_shot_budget: Optional[float] = dataclasses.field(default=None, metadata={
         "help": "linearize in one shot before training, keeping this fraction of units nonlinear (e.g. 0.1)"})
     one_shot_target: str = dataclasses.field(default="affine", metadata={"help": "affine (p x + q) or identity"})
-    one_shot_score: str = dataclasses.field(default="sensitivity", metadata={"help": "sensitivity or residual"})
+    one_shot_score: str = dataclasses.field(default="sensitivity", metadata={
+        "help": "sensitivity or residual (also the fit that fit_targets uses)"})
     one_shot_compensate: bool = dataclasses.field(default=True, metadata={
         "help": "re-fit each FFN's output projection against the model before linearization"})
+    fit_targets: bool = dataclasses.field(default=False, metadata={
+        "help": "before training (after any one-shot step), set every nonlinear unit's linear target to its "
+                "affine fit p x + q on the calibration batches, gates unchanged: the prior then linearizes units "
+                "toward their best linear fit instead of the identity"})
     calibration_batches: int = dataclasses.field(default=16, metadata={
         "help": "training batches (of per_device_eval_batch_size, the first ones, unshuffled) to calibrate on"})
     train: bool = dataclasses.field(default=True, metadata={
         "help": "train after the one-shot step (false: only linearize and score)"})
+
+    def _batches(self, examples: Any, collate_fn: Callable[[list[Any]], Any], batch_size: int,
+                 inputs: Callable[[Any], Any]) -> tuple[list[Any], int]:
+        """The first ``calibration_batches * batch_size`` of ``examples`` (unshuffled, so every rank of a
+        distributed run sees the same batches), collated and turned into model inputs; and their count."""
+        subset = examples.select(range(min(len(examples), self.calibration_batches * batch_size)))
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
+        return [inputs(batch) for batch in loader], len(subset)
 
     def linearize(self, model: Any, examples: Any, collate_fn: Callable[[list[Any]], Any], batch_size: int,
                   inputs: Callable[[Any], Any] = lambda batch: batch, progress: bool = True) -> dict[str, Any]:
@@ -186,16 +201,30 @@ class OneShotArguments:
         inputs. Returns the report plus ``calibration_examples``."""
         from .calibration import one_shot
 
-        subset = examples.select(range(min(len(examples), self.calibration_batches * batch_size)))
-        loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
-        report = one_shot(model, (inputs(batch) for batch in loader), nonlinear_fraction=self.one_shot_budget,
-                          target=self.one_shot_target, score=self.one_shot_score, compensate=self.one_shot_compensate,
-                          progress=progress)
+        batches, count = self._batches(examples, collate_fn, batch_size, inputs)
+        report = one_shot(model, batches, nonlinear_fraction=self.one_shot_budget, target=self.one_shot_target,
+                          score=self.one_shot_score, compensate=self.one_shot_compensate, progress=progress)
         logger.info("%s (%.0f s)", report, report["seconds"])
-        return {**report, "calibration_examples": len(subset)}
+        return {**report, "calibration_examples": count}
+
+    def fit(self, model: Any, examples: Any, collate_fn: Callable[[list[Any]], Any], batch_size: int,
+            inputs: Callable[[Any], Any] = lambda batch: batch, progress: bool = True) -> dict[str, Any]:
+        """Calibrate ``model`` on the same batches as :meth:`linearize` and run :func:`hf_linearize.fit_targets`
+        with ``one_shot_score``. Returns its report plus ``calibration_examples``."""
+        from .calibration import calibrate, fit_targets
+
+        batches, count = self._batches(examples, collate_fn, batch_size, inputs)
+        stats = calibrate(model, batches, sensitivity=self.one_shot_score == "sensitivity", progress=progress)
+        report = fit_targets(model, stats, score=self.one_shot_score)
+        logger.info("fitted affine targets (%s fit) for %d of %d units", report["score"], report["fitted"],
+                    report["units"])
+        return {**report, "calibration_examples": count}
 
     def __post_init__(self) -> None:
         if self.one_shot_budget is not None and not 0.0 <= self.one_shot_budget <= 1.0:
             raise ValueError(f"--one_shot_budget {self.one_shot_budget} must be a nonlinear fraction in [0, 1].")
         if self.calibration_batches < 1:
             raise ValueError(f"--calibration_batches {self.calibration_batches} must be at least 1.")
+        if self.fit_targets and not self.train:
+            raise ValueError("--fit_targets true sets the targets that a training prior moves units toward; it "
+                             "needs --train true (with --train false nothing would use them).")

@@ -313,6 +313,32 @@ def _reader_column_norms(model: nn.Module, name: str, gate: GatedActivation) -> 
     return weight.pow(2).sum(dim=[d for d in range(weight.dim()) if d != 1])
 
 
+def _fit_units(model: nn.Module, stats: CalibrationStats, target: Target, score: Score
+               ) -> tuple[dict[str, GatedActivation], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The model's gates and, per site, ``(p, q, score)`` of every unit (fp64 ``[C]``); units that are linear
+    already score ``inf``. Raises ``ValueError`` for an unknown target or score, or stats of another model."""
+    if target not in ("affine", "identity"):
+        raise ValueError(f"target must be 'affine' or 'identity'; got {target!r}.")
+    if score not in ("residual", "sensitivity"):
+        raise ValueError(f"score must be 'residual' or 'sensitivity'; got {score!r}.")
+    if score == "sensitivity" and stats.sensitivity is None:
+        raise ValueError("score='sensitivity' needs stats from hl.calibrate(model, batches, sensitivity=True).")
+    stats.check_model(model)
+    gates = dict(gated_modules(model))
+    already = linear_units(model)
+    fits = {}
+    for name, gate in gates.items():
+        if score == "sensitivity":
+            moments = stats.sensitivity[name]
+            p, q, residual = moments.fit(target, gate.kind == "glu")
+            unit_scores = residual * moments.weight
+        else:
+            p, q, residual = stats.sites[name].fit(target, gate.kind == "glu")
+            unit_scores = residual * _reader_column_norms(model, name, gate)
+        fits[name] = (p, q, torch.where(already[name].cpu(), torch.full_like(unit_scores, math.inf), unit_scores))
+    return gates, fits
+
+
 def linearize_one_shot(
     model: nn.Module,
     stats: CalibrationStats,
@@ -331,28 +357,8 @@ def linearize_one_shot(
     """
     if (nonlinear_fraction is None) == (apl is None):
         raise ValueError("Give exactly one budget: nonlinear_fraction=0.25 or apl=1.5.")
-    if target not in ("affine", "identity"):
-        raise ValueError(f"target must be 'affine' or 'identity'; got {target!r}.")
-    if score not in ("residual", "sensitivity"):
-        raise ValueError(f"score must be 'residual' or 'sensitivity'; got {score!r}.")
-    if score == "sensitivity" and stats.sensitivity is None:
-        raise ValueError("score='sensitivity' needs stats from hl.calibrate(model, batches, sensitivity=True).")
-    stats.check_model(model)
-    gates = dict(gated_modules(model))
-    already = linear_units(model)
-    names, fits, scores = list(gates), {}, []
-    for name in names:
-        gate = gates[name]
-        if score == "sensitivity":
-            moments = stats.sensitivity[name]
-            p, q, residual = moments.fit(target, gate.kind == "glu")
-            unit_scores = residual * moments.weight
-        else:
-            p, q, residual = stats.sites[name].fit(target, gate.kind == "glu")
-            unit_scores = residual * _reader_column_norms(model, name, gate)
-        unit_scores = torch.where(already[name].cpu(), torch.full_like(unit_scores, math.inf), unit_scores)
-        fits[name] = (p, q, unit_scores)
-        scores.append(unit_scores)
+    gates, fits = _fit_units(model, stats, target, score)
+    names, scores = list(gates), [fit[2] for fit in fits.values()]
     flat = torch.cat(scores)
     order = torch.argsort(flat, stable=True)
     candidates = int(torch.isfinite(flat).sum())
@@ -391,7 +397,9 @@ def _masks(names: list[str], gates: dict[str, GatedActivation], chosen: torch.Te
 
 
 @torch.no_grad()
-def _apply(gates: dict[str, GatedActivation], fits: dict[str, tuple], masks: dict[str, torch.Tensor]) -> None:
+def _apply(gates: dict[str, GatedActivation], fits: dict[str, tuple], masks: dict[str, torch.Tensor],
+           linearize: bool = True) -> None:
+    """Give the units in ``masks`` their fitted targets and, with ``linearize``, gate 1."""
     for name, gate in gates.items():
         mask = masks[name].to(gate.alpha.device)
         if not bool(mask.any()):
@@ -400,7 +408,23 @@ def _apply(gates: dict[str, GatedActivation], fits: dict[str, tuple], masks: dic
         slope = torch.where(mask.cpu(), p.float(), gate.target_slope.cpu())
         offset = torch.where(mask.cpu(), q.float(), gate.target_offset.cpu())
         gate.set_targets(None if gate.kind == "glu" else slope, offset)
-        gate.alpha[mask] = 1.0
+        if linearize:
+            gate.alpha[mask] = 1.0
+
+
+def fit_targets(model: nn.Module, stats: CalibrationStats, score: Score = "sensitivity") -> dict[str, Any]:
+    """Set the linear target of every unit that is not linear yet to its affine least-squares fit ``p x + q``
+    (weighted by output sensitivity with ``score="sensitivity"``), leaving every gate where it is.
+
+    A unit at gate 0 computes exactly what it did, so the model's function does not change; a training prior then
+    moves each unit toward its best linear fit instead of the identity (late linearization of a trained model).
+    Returns ``{"score", "fitted": units given a target, "units"}``.
+    """
+    gates, fits = _fit_units(model, stats, "affine", score)
+    masks = {name: torch.isfinite(fits[name][2]) for name in gates}
+    _apply(gates, fits, masks, linearize=False)
+    return {"score": score, "fitted": sum(int(m.sum()) for m in masks.values()),
+            "units": sum(g.channels for g in gates.values())}
 
 
 def _apls(model: nn.Module) -> dict[str, Optional[float]]:

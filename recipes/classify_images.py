@@ -167,6 +167,9 @@ def main() -> None:
         results["one_shot"] = one_shot_args.linearize(model, with_transform(images["train"], eval_transform), collate,
                                                       batch_size, inputs=lambda batch: batch["x"])
         results["one_shot"]["scores"] = score(model, images, eval_transform, batch_size)[0]
+    if one_shot_args.fit_targets:
+        results["fit_targets"] = one_shot_args.fit(model, with_transform(images["train"], eval_transform), collate,
+                                                   batch_size, inputs=lambda batch: batch["x"])
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     final_model = trainer.accelerator.unwrap_model(model)
     scores, predictions = score(final_model, images, eval_transform, batch_size)

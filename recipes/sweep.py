@@ -8,7 +8,7 @@
 The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels, the
 grid (``budgets`` on ``budget_metric``, ``lambdas``, ``schedules``), the ``metrics`` to tabulate, and recipe flags
 for every run (``overrides``) and per arm (``baseline``, ``early``, ``late``, ``control``: each a mapping with
-``overrides``; ``baseline`` may instead name an existing finished ``run``). An optional ``one_shot`` mapping names
+``overrides``; ``baseline`` and ``control`` may instead name an existing finished ``run``, e.g. another sweep's). An optional ``one_shot`` mapping names
 post-training methods, each with its recipe flags (e.g. ``identity: {one_shot_target: identity, train: false}``).
 Command-line options replace the YAML's, and recipe flags after ``--`` are appended to every run's command, so they
 win over both.
@@ -23,7 +23,8 @@ Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/l
   one shot to each budget (``--one_shot_budget``, a nonlinear fraction) with the method's flags, the prior off;
   with ``train: false`` it is only scored, otherwise the fine-tune that follows is a recovery fine-tune;
 * ``control`` (when the YAML has a ``control`` key and the sweep runs ``late``): the same fine-tune from the
-  baseline without the prior, i.e. the baseline trained for the same extra compute as every late run.
+  baseline without the prior, i.e. the baseline trained for the same extra compute as every late run (or, with
+  ``control.run``, an existing such run that the sweep only reads).
 
 A run whose ``results.json`` exists is skipped, so an interrupted sweep resumes where it stopped. Then the sweep
 writes ``results.csv``/``results.json`` (one row per run, see `hf_linearize.sweep_report.result_row`, plus the
@@ -98,6 +99,8 @@ class Sweep:
     one_shot: dict[str, dict[str, Any]] = field(default_factory=dict)
     """One-shot method name -> its recipe flags (the ``one_shot`` schedule)."""
     baseline_run: Optional[Path] = None
+    control_run: Optional[Path] = None
+    """An existing finished control run (``control.run``) that the sweep reads instead of running one."""
 
 
 @dataclass
@@ -112,7 +115,7 @@ class Run:
     budget_target: Optional[float] = None
     prior_lambda: float = 0.0
     external: bool = False
-    """An existing run the sweep only reads (``baseline.run``)."""
+    """An existing run the sweep only reads (``baseline.run``, ``control.run``)."""
 
     @property
     def from_baseline(self) -> bool:
@@ -203,16 +206,18 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
         if arm not in data:
             continue
         spec = _mapping(data[arm], arm)
-        extra = sorted(set(spec) - ({"overrides", "run"} if arm == "baseline" else {"overrides"}))
+        existing = arm in ("baseline", "control")
+        extra = sorted(set(spec) - ({"overrides", "run"} if existing else {"overrides"}))
         if extra:
             raise ValueError(f"{path}: unknown keys {extra} under {arm!r}; it takes 'overrides'"
-                             f"{' or run' if arm == 'baseline' else ''}.")
+                             f"{' or run' if existing else ''}.")
+        if existing and spec.get("run") and spec.get("overrides") and not (arm == "baseline" and baseline_run):
+            raise ValueError(f"{path}: {arm} has both 'run' (an existing run) and 'overrides' (for training one); "
+                             "keep one.")
         arms[arm] = _mapping(spec.get("overrides"), f"{arm}.overrides")
-    baseline_spec = _mapping(data.get("baseline"), "baseline")
-    run = baseline_run or (baseline_spec.get("run") and str((path.parent / baseline_spec["run"]).resolve()))
-    if run and baseline_spec.get("overrides") and not baseline_run:
-        raise ValueError(f"{path}: baseline has both 'run' (an existing run) and 'overrides' (for training one); "
-                         "keep one.")
+    runs = {arm: (path.parent / arm_spec["run"]).resolve() for arm in ("baseline", "control")
+            if isinstance(arm_spec := data.get(arm), dict) and arm_spec.get("run")}
+    run = Path(baseline_run).resolve() if baseline_run else runs.get("baseline")
     late_init = _mapping(data.get("late_init"), "late_init") or RECIPES[recipe].late_init
     model = data.get("model") or next((str(base[k]) for k in RECIPES[recipe].model_keys if base.get(k)), "")
     return Sweep(recipe=recipe, task=str(data["task"]), model=str(model), base_config=base_config,
@@ -220,7 +225,7 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
                  lambdas=lambda_list, schedules=schedule_list, metrics=metrics,
                  overrides=_mapping(data.get("overrides"), "overrides"), arms=arms,
                  late_init={k: str(v) for k, v in late_init.items()}, one_shot=one_shot,
-                 baseline_run=Path(run).resolve() if run else None)
+                 baseline_run=run, control_run=runs.get("control"))
 
 
 def run_name(schedule: str, budget_metric: str, budget: Optional[float], prior_lambda: float) -> str:
@@ -257,7 +262,9 @@ def plan(sweep: Sweep) -> list[Run]:
             name = f"one_shot_{method}_{METRIC_ABBREVIATIONS[sweep.budget_metric]}{budget:g}"
             runs.append(Run(name, f"one_shot_{method}", runs_dir / name, flags, budget,
                             float(flags["prior_lambda"])))
-    if "control" in sweep.arms and "late" in sweep.schedules:
+    if sweep.control_run and "late" in sweep.schedules:
+        runs.append(Run("control", "control", sweep.control_run, external=True))
+    elif "control" in sweep.arms and "late" in sweep.schedules:
         flags = {**sweep.overrides, **sweep.arms.get("late", {}), **sweep.arms["control"], **start,
                  "prior_lambda": 0.0}
         runs.append(Run("control", "control", runs_dir / "control", flags))
@@ -329,7 +336,8 @@ def print_plan(sweep: Sweep, runs: Sequence[Run], launcher: Optional[str], extra
             status = "missing (external baseline)" if run.external else "to run"
         start = "baseline" if run.from_baseline else "scratch" if not run.external else "-"
         length = planned_length(run, extra, base)
-        length = f"baseline + {length}" if run.from_baseline and length != "no training" else length
+        if run.from_baseline and not run.external and length != "no training":
+            length = f"baseline + {length}"
         print(f"{run.name:<28} {run.schedule:<21} {budget:<24} {run.prior_lambda:<7g} {start:<12} {length:<22} "
               f"{status}")
     todo = [run for run in runs if not run.done and not run.external]
@@ -464,7 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if run.external:
             failed.append(run.name)
-            print(f"[sweep] the baseline run {run.directory} has no results.json; finish it or drop baseline.run.")
+            print(f"[sweep] the existing {run.name} run {run.directory} has no results.json; finish it or drop "
+                  f"{run.name}.run.")
             continue
         if run.from_baseline and not baseline.done:
             failed.append(run.name)

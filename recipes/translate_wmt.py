@@ -242,6 +242,10 @@ def main() -> None:
                                                       progress=trainer.is_world_process_zero())
         if one_shot_args.train:  # without training, the final scores below are the one-shot scores
             results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
+    if one_shot_args.fit_targets:
+        results["fit_targets"] = one_shot_args.fit(model, encoded["train"], trainer.data_collator,
+                                                   training.per_device_eval_batch_size,
+                                                   progress=trainer.is_world_process_zero())
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
     if one_shot_args.one_shot_budget is not None and not one_shot_args.train:

@@ -143,3 +143,14 @@ def test_parse_pattern(text, value):
 def test_invalid_flags_name_the_problem(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_with_config((LinearizeArguments,), argv)
+
+
+def test_one_shot_arguments_refuse_what_cannot_run():
+    from hf_linearize.arguments import OneShotArguments
+
+    with pytest.raises(ValueError, match="needs --train true"):
+        OneShotArguments(fit_targets=True, train=False)
+    with pytest.raises(ValueError, match="nonlinear fraction in"):
+        OneShotArguments(one_shot_budget=1.5)
+    with pytest.raises(ValueError, match="at least 1"):
+        OneShotArguments(calibration_batches=0)

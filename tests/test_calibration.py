@@ -126,6 +126,31 @@ def test_affine_one_shot_keeps_exactly_linear_units_exact():
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("score", ["residual", "sensitivity"])
+def test_fit_targets_change_no_output_and_are_the_one_shot_fits(score):
+    """fit_targets gives every nonlinear unit its affine fit, gates untouched (the output keeps every bit); the
+    units linear already keep theirs; set to gate 1, the units carry exactly the targets one-shot would give."""
+    model, inputs = _patched()
+    batches = _marian_batches()
+    hl.linearize_one_shot(model, hl.calibrate(model, batches, progress=False), nonlinear_fraction=0.5,
+                          target="identity")
+    fresh = copy.deepcopy(model)
+    before = run(model, inputs)
+    stats = hl.calibrate(model, batches, sensitivity=True, progress=False)
+    report = hl.fit_targets(model, stats, score=score)
+    assert report == {"score": score, "fitted": report["units"] // 2, "units": report["units"]}
+    assert torch.equal(run(model, inputs), before)
+    hl.linearize_one_shot(fresh, stats, nonlinear_fraction=0.0, score=score)  # the same fits, gates to 1
+    for (name, gate), (_, reference) in zip(hl.gated_modules(model), hl.gated_modules(fresh)):
+        linear = gate.alpha == 1
+        assert gate._affine
+        assert torch.equal(gate.target_slope, reference.target_slope), name
+        assert torch.equal(gate.target_offset, reference.target_offset), name
+        assert (gate.target_slope[linear] == 1).all() and (gate.target_offset[linear] == 0).all()
+    with pytest.raises(ValueError, match="score must be"):
+        hl.fit_targets(model, stats, score="gradient")
+
+
 def test_affine_beats_identity_on_output_error():
     model, inputs = _patched()
     reference = run(model, inputs)

@@ -162,6 +162,31 @@ def test_a_linearized_checkpoint_is_loaded_whole(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_fit_targets_before_a_late_fine_tune(tmp_path):
+    """--fit_targets true on a half-linear checkpoint: the nonlinear units get affine targets fitted on the first
+    digits (the linear ones keep theirs), then the prior fine-tunes toward them."""
+    import timm
+
+    source = hl.patch_model(timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8),
+                                              stem_width=8))
+    hl.set_linear(source, 0.5)
+    hl.save_pretrained(source, tmp_path / "baseline")
+    out = tmp_path / "late"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "32",
+                 "--max_eval_samples", "20", "--model_name_or_path", str(tmp_path / "baseline"), "--max_steps", "2",
+                 "--fit_targets", "true", "--calibration_batches", "2", "--per_device_eval_batch_size", "8",
+                 "--prior_lambda", "1", "--prior_start", "0", "--prior_warmup", "0", "--eval_before_training",
+                 "false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    units = hl.summary(source)["total"]["units"]
+    assert results["fit_targets"] == {"score": "sensitivity", "fitted": units - hl.summary(source)["total"]["linear"],
+                                      "units": units, "calibration_examples": 16}
+    assert "one_shot" not in results
+    gates = dict(hl.gated_modules(hl.from_pretrained(out / "final")))
+    assert all(gate._affine for gate in gates.values())
+
+
 @pytest.mark.slow
 def test_one_shot_linearizes_a_vit_before_it_is_scored(tmp_path):
     """--one_shot_budget with --train false: calibrate on the first digits, linearize to the budget, score."""

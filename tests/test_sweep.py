@@ -34,24 +34,49 @@ def _write(tmp_path: Path, **changes) -> Path:
 
 def test_sweep_configs_load_and_plan_both_schedules():
     sweep = load_script(SWEEP)
-    assert {"tiny_synthetic", "multi30k", "mnist_resnet", "mnist_vit"} <= {p.stem for p in SWEEP_CONFIGS}
+    full = {"tiny_synthetic", "multi30k", "mnist_resnet", "mnist_vit"}  # every schedule; the others add to one
+    assert full <= {p.stem for p in SWEEP_CONFIGS}
     for config in SWEEP_CONFIGS:
         loaded = sweep.load_sweep(config)
         runs = sweep.plan(loaded)
         schedules = [run.schedule for run in runs]
-        assert schedules[0] == "baseline" and "control" in schedules, config.name
-        assert schedules.count("early") == schedules.count("late") == len(loaded.budgets) * len(loaded.lambdas)
+        assert schedules[0] == "baseline" and ("control" in schedules) == ("late" in loaded.schedules), config.name
+        if config.stem in full:
+            assert {"early", "late", "one_shot"} <= set(loaded.schedules), config.name
+        for schedule in ("early", "late"):
+            planned = len(loaded.budgets) * len(loaded.lambdas) if schedule in loaded.schedules else 0
+            assert schedules.count(schedule) == planned, config.name
         one_shot = [run for run in runs if run.schedule.startswith("one_shot_")]
-        assert len(one_shot) == len(loaded.budgets) * len(loaded.one_shot) > 0, config.name
+        assert len(one_shot) == len(loaded.budgets) * len(loaded.one_shot) * ("one_shot" in loaded.schedules)
         for run in one_shot:  # from the baseline, to the run's budget, without the prior
             assert run.from_baseline and run.flags["one_shot_budget"] == run.budget_target, config.name
             assert run.flags["prior_lambda"] == 0.0 and run.flags["eval_before_training"] is False, config.name
-        if config.stem != "tiny_synthetic":
+        if config.stem in full - {"tiny_synthetic"}:
             assert len(loaded.budgets) >= 4, config.name
         for run in runs:
             if run.schedule == "late":
                 assert any(str(run.directory.parent / "baseline" / "final") in str(value) for value in
                            run.flags.values()) or loaded.baseline_run is not None, config.name
+        if loaded.baseline_run is not None:  # another sweep's runs, inside the project
+            assert loaded.baseline_run.is_relative_to(ROOT / "outputs" / "sweeps"), config.name
+
+
+def test_existing_control_run_is_read_not_run(tmp_path, capsys):
+    sweep = load_script(SWEEP)
+    existing = tmp_path / "other_sweep" / "runs"
+    config = _write(tmp_path, baseline={"run": str(existing / "baseline")}, control={"run": str(existing / "control")},
+                    output_dir=str(tmp_path / "out"))
+    loaded = sweep.load_sweep(config)
+    runs = {run.name: run for run in sweep.plan(loaded)}
+    assert runs["control"].external and runs["control"].directory == existing / "control"
+    assert runs["baseline"].external and runs["late_nf0.5_lam1"].flags["model_name_or_path"] == str(
+        existing / "baseline" / "final")
+    assert sweep.main(["--config", str(config), "--dry_run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("control", "baseline"))]
+    assert len(lines) == 2 and all("existing run" in line for line in lines)
+    assert all("--output_dir " + str(existing) not in line for line in lines)
+    without_late = sweep.load_sweep(config, schedules=["early"])
+    assert "control" not in [run.name for run in sweep.plan(without_late)]
 
 
 def test_multi30k_sweep_reaches_five_percent():
@@ -114,6 +139,8 @@ def test_command_line_options_replace_the_yaml(tmp_path):
     ({"base_config": "missing.yaml"}, "does not exist"),
     ({"late": {"overides": {}}}, "unknown keys"),
     ({"baseline": {"run": "somewhere", "overrides": {"max_steps": 3}}}, "keep one"),
+    ({"control": {"run": "somewhere", "overrides": {"max_steps": 3}}}, "control has both"),
+    ({"control": {"run": "somewhere", "extra": 1}}, "unknown keys"),
     ({"overrides": [1, 2]}, "mapping"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path, changes, message):

@@ -158,14 +158,16 @@ def test_pretrained_checkpoint_is_scored_before_training(tmp_path):
 @pytest.mark.parametrize("train", [True, False])
 def test_one_shot_then_recovery_fine_tune(tmp_path, train):
     """--one_shot_budget linearizes the pretrained model before training; its linear units stay exactly linear
-    while the late prior fine-tunes the rest (or, with --train false, the one-shot model is what is scored)."""
+    while the late prior fine-tunes the rest, toward the affine targets --fit_targets gave them (or, with
+    --train false, the one-shot model is what is scored)."""
     out = tmp_path / "one_shot"
     done = _run([sys.executable, str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
                  "--model_name_or_path", str(_pretrained(tmp_path)), "--synthetic_train_size", "64",
                  "--synthetic_eval_size", "8", "--max_steps", "3", "--max_new_tokens", "8", "--num_beams", "1",
                  "--one_shot_budget", "0.5", "--calibration_batches", "2", "--per_device_eval_batch_size", "8",
                  "--prior_lambda", "1", "--prior_start", "0", "--prior_warmup", "0", "--gate_lr", "0.5",
-                 "--train", str(train).lower(), "--score_splits", "validation,test" if train else "test"])
+                 "--train", str(train).lower(), "--score_splits", "validation,test" if train else "test",
+                 "--fit_targets", str(train).lower()])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     one_shot = results["one_shot"]
@@ -180,7 +182,11 @@ def test_one_shot_then_recovery_fine_tune(tmp_path, train):
     for name, layer in one_shot["layers"].items():  # the one-shot units kept gate 1 and an affine target
         assert int((gates[name].alpha == 1).sum()) >= layer["units"] - layer["nonlinear"]
     assert any(gate._affine for gate in gates.values())
-    if not train:
+    if train:  # --fit_targets: the units left nonlinear got their affine fits before the prior started
+        assert results["fit_targets"] == {"score": "sensitivity", "fitted": final["units"] // 2,
+                                          "units": final["units"], "calibration_examples": 16}
+    else:
+        assert "fit_targets" not in results
         assert results["train"] is None and results["scores"] == one_shot["scores"]
 
 
