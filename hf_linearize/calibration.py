@@ -416,8 +416,10 @@ def fit_targets(model: nn.Module, stats: CalibrationStats, score: Score = "sensi
     """Set the linear target of every unit that is not linear yet to its affine least-squares fit ``p x + q``
     (weighted by output sensitivity with ``score="sensitivity"``), leaving every gate where it is.
 
-    A unit at gate 0 computes exactly what it did, so the model's function does not change; a training prior then
-    moves each unit toward its best linear fit instead of the identity (late linearization of a trained model).
+    A unit at gate 0 computes exactly what it did, so a model whose nonlinear units are all at gate 0 (a trained
+    model, or one linearized in one shot) keeps its function bit for bit; a unit between 0 and 1 moves to the mix
+    with its new target. A training prior then moves each unit toward its best linear fit instead of the identity
+    (late linearization of a trained model).
     Returns ``{"score", "fitted": units given a target, "units"}``.
     """
     gates, fits = _fit_units(model, stats, "affine", score)

@@ -368,7 +368,10 @@ def execute(sweep: Sweep, run: Run, launcher: Optional[str], extra: Sequence[str
 
 
 def _warn_if_changed(sweep: Sweep, run: Run, launcher: Optional[str], extra: Sequence[str]) -> None:
-    """Say so when a finished run was started with other recipe arguments than the sweep would use now."""
+    """Say so when a finished run was started with other recipe arguments than the sweep would use now (never for
+    an existing run the sweep only reads: its own sweep started it, with its own settings)."""
+    if run.external:
+        return
     recorded = _record(run).get("command")
     planned = recipe_command(sweep, run, launcher, extra)
     script = str(RECIPES[sweep.recipe].script)

@@ -236,3 +236,7 @@ def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     sweep._warn_if_changed(loaded, run, None, ["--seed", "4"])
     assert f"delete {run.directory} to rerun it" in capsys.readouterr().out
+    existing = sweep.plan(sweep.load_sweep(TINY, output_dir=str(tmp_path), baseline_run=str(run.directory)))[0]
+    assert existing.external and existing.directory == run.directory
+    sweep._warn_if_changed(loaded, existing, None, ["--seed", "4"])  # read, not run, by this sweep
+    assert capsys.readouterr().out == ""
