@@ -4,14 +4,15 @@
         [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--one_shot_methods affine]
         [--baseline_run DIR] [--report_only]
         [--launcher "accelerate launch --num_processes 2"] [-- --recipe_flag value ...]
+    python recipes/sweep.py --compare SWEEP.yaml OTHER.yaml ... --output_dir DIR    # several sweeps, one table
 
-The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels, the
-grid (``budgets`` on ``budget_metric``, ``lambdas``, ``schedules``), the ``metrics`` to tabulate, and recipe flags
-for every run (``overrides``) and per arm (``baseline``, ``early``, ``late``, ``control``: each a mapping with
-``overrides``; ``baseline`` and ``control`` may instead name an existing finished ``run``, e.g. another sweep's). An optional ``one_shot`` mapping names
-post-training methods, each with its recipe flags (e.g. ``identity: {one_shot_target: identity, train: false}``).
-Command-line options replace the YAML's, and recipe flags after ``--`` are appended to every run's command, so they
-win over both.
+The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels (and an
+optional ``label`` for comparisons), the grid (``budgets`` on ``budget_metric``, ``lambdas``, ``schedules``), the
+``metrics`` to tabulate, and recipe flags for every run (``overrides``) and per arm (``baseline``, ``early``,
+``late``, ``control``: each a mapping with ``overrides``; ``baseline`` and ``control`` may instead name an existing
+finished ``run``, e.g. another sweep's). An optional ``one_shot`` mapping names post-training methods, each with its
+recipe flags (e.g. ``identity: {one_shot_target: identity, train: false}``). Command-line options replace the
+YAML's, and recipe flags after ``--`` are appended to every run's command, so they win over both.
 
 Runs, each a subprocess of the recipe writing ``output_dir/runs/NAME`` (``NAME/log.txt`` holds its output):
 
@@ -31,6 +32,9 @@ writes ``results.csv``/``results.json`` (one row per run, see `hf_linearize.swee
 compute: ``wall_s`` of the run, ``total_epochs``/``total_wall_s`` counting the baseline for late and control runs),
 ``quality_vs_apl.png`` (early and late), ``one_shot_vs_apl.png`` (the one-shot methods and late, when the sweep has
 them) and ``core_maps.png`` into ``output_dir``.
+
+``--compare`` puts the finished runs of several sweeps of one task (e.g. one that adds an arm to another's
+baseline) into one table and one pair of plots; see `compare`.
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ RECIPES = {
 }
 SCHEDULES = ("early", "late", "one_shot")
 ARMS = ("baseline", "early", "late", "control")
-KEYS = {"recipe", "task", "model", "base_config", "output_dir", "budget_metric", "budgets", "lambdas", "schedules",
-        "metrics", "overrides", "late_init", "one_shot", *ARMS}
+KEYS = {"recipe", "task", "model", "label", "base_config", "output_dir", "budget_metric", "budgets", "lambdas",
+        "schedules", "metrics", "overrides", "late_init", "one_shot", *ARMS}
 METRIC_ABBREVIATIONS = {"nonlinear_fraction": "nf", "normalized_apl": "apl"}
 
 
@@ -100,6 +104,8 @@ class Sweep:
     """One-shot method name -> its recipe flags (the ``one_shot`` schedule)."""
     baseline_run: Optional[Path] = None
     control_run: Optional[Path] = None
+    label: str = ""
+    """Names this sweep's prior arms in a comparison with other sweeps (``late (LABEL)``); "" = the file name."""
     """An existing finished control run (``control.run``) that the sweep reads instead of running one."""
 
 
@@ -225,7 +231,7 @@ def load_sweep(path: str | Path, output_dir: Optional[str] = None, budgets: Opti
                  lambdas=lambda_list, schedules=schedule_list, metrics=metrics,
                  overrides=_mapping(data.get("overrides"), "overrides"), arms=arms,
                  late_init={k: str(v) for k, v in late_init.items()}, one_shot=one_shot,
-                 baseline_run=run, control_run=runs.get("control"))
+                 baseline_run=run, control_run=runs.get("control"), label=str(data.get("label") or path.stem))
 
 
 def run_name(schedule: str, budget_metric: str, budget: Optional[float], prior_lambda: float) -> str:
@@ -433,6 +439,35 @@ def report(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     print("wrote " + ", ".join(str(p) for p in outputs))
 
 
+def compare(configs: Sequence[str | Path], output_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the finished runs of several sweeps of one task, written to ``output_dir`` as ``results.csv`` and
+    ``results.json``, with ``quality_vs_apl.png`` and ``core_maps.png`` of their early and late arms.
+
+    The first sweep's schedules keep their names; a later sweep's early and late runs become ``early (LABEL)`` and
+    ``late (LABEL)`` (its YAML ``label``, else its file name). A run that several sweeps read (an existing baseline
+    or control) appears once. Rows gain ``sweep``, the label of the sweep they come from.
+    """
+    rows, seen = [], set()
+    for index, config in enumerate(configs):
+        sweep = load_sweep(config)
+        for row in collect(sweep, plan(sweep)):
+            if row["checkpoint"] in seen:
+                continue
+            seen.add(row["checkpoint"])
+            if index and row["schedule"] in ("early", "late"):
+                row["schedule"] = f"{row['schedule']} ({sweep.label})"
+            rows.append({"sweep": sweep.label, **row})
+    if not rows:
+        raise ValueError(f"None of the sweeps {[str(c) for c in configs]} has a finished run to compare.")
+    write_results(rows, output_dir)
+    prior = list(dict.fromkeys(row["schedule"] for row in rows if row["schedule"].split(" ")[0] in ("early", "late")))
+    if prior:
+        headline = metric_column(load_sweep(configs[0]).metrics[0])
+        plot_quality_vs_apl(rows, output_dir / "quality_vs_apl.png", headline, prior)
+        plot_core_maps(rows, output_dir / "core_maps.png", prior)
+    return rows
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
     """Sweep options, and the recipe flags after ``--``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -442,7 +477,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
         argv, extra = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Recipe flags for every run go after '--'.")
-    parser.add_argument("--config", required=True, help="sweep YAML (recipes/configs/sweeps/*.yaml)")
+    parser.add_argument("--config", help="sweep YAML (recipes/configs/sweeps/*.yaml)")
+    parser.add_argument("--compare", nargs="+", metavar="CONFIG", help="sweep YAMLs of one task whose finished runs "
+                        "go into one table and plot in --output_dir (runs nothing)")
     parser.add_argument("--output_dir", help="replaces the YAML's output_dir")
     parser.add_argument("--budgets", nargs="+", type=float, help="replaces the YAML's budgets")
     parser.add_argument("--lambdas", nargs="+", type=float, help="replaces the YAML's lambdas")
@@ -456,11 +493,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
                         "run nothing")
     parser.add_argument("--report_only", action="store_true", help="write the tables and plots of the finished "
                         "runs; run nothing (e.g. after running the grid in slices)")
-    return parser.parse_args(argv), extra
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.compare):
+        parser.error("give either --config SWEEP.yaml (run or report one sweep) or --compare A.yaml B.yaml ... "
+                     "--output_dir DIR (several sweeps in one table).")
+    if args.compare and not args.output_dir:
+        parser.error("--compare needs --output_dir, the folder for the joint table and plots.")
+    return args, extra
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parse_args(argv)
+    if args.compare:
+        rows = compare(args.compare, Path(args.output_dir).resolve())
+        print(f"[sweep] {len(rows)} runs of {len(args.compare)} sweeps -> {args.output_dir}")
+        return 0
     sweep = load_sweep(args.config, args.output_dir, args.budgets, args.lambdas, args.schedules, args.baseline_run,
                        args.one_shot_methods)
     runs = plan(sweep)

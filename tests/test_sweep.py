@@ -156,9 +156,10 @@ def test_base_config_with_a_budget_is_refused(tmp_path):
         load_script(SWEEP).load_sweep(_write(tmp_path, base_config=str(base)))
 
 
-def _sweep(*args: str):
+def _sweep(*args: str, config: Path = TINY):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = run_subprocess([sys.executable, str(SWEEP), "--config", str(TINY), *args], cwd=ROOT, env=env)
+    command = [sys.executable, str(SWEEP), *(["--config", str(config)] if config else []), *args]
+    done = run_subprocess(command, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -223,6 +224,36 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
             assert row["total_epochs"] == row["epochs"]
     for png in ("quality_vs_apl.png", "one_shot_vs_apl.png", "core_maps.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second sweep adds an arm to this one's baseline and control (fitted targets), and --compare joins them.
+    data = yaml.safe_load(TINY.read_text(encoding="utf-8"))
+    data.update(base_config=str(ROOT / "recipes" / "configs" / "synthetic.yaml"), output_dir=str(out))
+    first = tmp_path / "tiny.yaml"  # this sweep, with its output folder
+    first.write_text(yaml.safe_dump(data), encoding="utf-8")
+    data.update(label="fitted", budgets=[0.5], schedules=["late"], output_dir=str(tmp_path / "fitted"),
+                baseline={"run": str(runs / "baseline")}, control={"run": str(runs / "control")})
+    data["late"]["overrides"].update(fit_targets=True, calibration_batches=1)
+    fitted = tmp_path / "fitted.yaml"
+    fitted.write_text(yaml.safe_dump(data), encoding="utf-8")
+    added = _sweep(config=fitted)
+    assert [line.split()[2] for line in added.splitlines() if line.startswith("[sweep] running")] == [
+        "late_nf0.5_lam1:"], "the existing baseline and control are read, not run"
+    fitted_results = json.loads((tmp_path / "fitted" / "runs" / "late_nf0.5_lam1" / "results.json").read_text())
+    assert fitted_results["fit_targets"]["fitted"] == fitted_results["fit_targets"]["units"]
+    _sweep("--compare", str(first), str(fitted), "--output_dir", str(tmp_path / "both"), config=None)
+    joint = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [(row["sweep"], row["schedule"]) for row in joint] == [
+        *(("tiny", row["schedule"]) for row in rows), ("fitted", "late (fitted)")]
+    for png in ("quality_vs_apl.png", "core_maps.png"):
+        assert (tmp_path / "both" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_and_config_are_exclusive(capsys):
+    sweep = load_script(SWEEP)
+    for argv in ([], ["--config", str(TINY), "--compare", str(TINY), "--output_dir", "x"], ["--compare", str(TINY)]):
+        with pytest.raises(SystemExit):
+            sweep.main(argv)
+    assert "--compare needs --output_dir" in capsys.readouterr().err
 
 
 def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
