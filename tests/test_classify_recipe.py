@@ -143,14 +143,20 @@ def test_local_pretrained_weights_are_scored_before_training(tmp_path):
     assert before["path_length"]["normalized_apl"] == before["path_length"]["depth"]["normalized"]
 
 
-def test_a_linearized_checkpoint_is_loaded_whole(tmp_path):
-    """--model_name_or_path final/: the late start of a sweep keeps the classifier head, the gates and targets."""
+def _half_linear_checkpoint(path: Path):
+    """A patched TINY ResNet with half its units linear, saved to ``path`` as a linearized checkpoint; returned."""
     import timm
 
     source = hl.patch_model(timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8),
                                               stem_width=8))
     hl.set_linear(source, 0.5)
-    hl.save_pretrained(source, tmp_path / "baseline")
+    hl.save_pretrained(source, path)
+    return source
+
+
+def test_a_linearized_checkpoint_is_loaded_whole(tmp_path):
+    """--model_name_or_path final/: the late start of a sweep keeps the classifier head, the gates and targets."""
+    source = _half_linear_checkpoint(tmp_path / "baseline")
     out = tmp_path / "late"
     done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "32",
                  "--max_eval_samples", "20", "--model_name_or_path", str(tmp_path / "baseline"), "--train", "false"])
@@ -165,12 +171,7 @@ def test_a_linearized_checkpoint_is_loaded_whole(tmp_path):
 def test_fit_targets_before_a_late_fine_tune(tmp_path):
     """--fit_targets true on a half-linear checkpoint: the nonlinear units get affine targets fitted on the first
     digits (the linear ones keep theirs), then the prior fine-tunes toward them."""
-    import timm
-
-    source = hl.patch_model(timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(8, 8, 8, 8),
-                                              stem_width=8))
-    hl.set_linear(source, 0.5)
-    hl.save_pretrained(source, tmp_path / "baseline")
+    source = _half_linear_checkpoint(tmp_path / "baseline")
     out = tmp_path / "late"
     done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "32",
                  "--max_eval_samples", "20", "--model_name_or_path", str(tmp_path / "baseline"), "--max_steps", "2",
