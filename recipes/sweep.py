@@ -104,9 +104,10 @@ class Sweep:
     """One-shot method name -> its recipe flags (the ``one_shot`` schedule)."""
     baseline_run: Optional[Path] = None
     control_run: Optional[Path] = None
-    label: str = ""
-    """Names this sweep's prior arms in a comparison with other sweeps (``late (LABEL)``); "" = the file name."""
     """An existing finished control run (``control.run``) that the sweep reads instead of running one."""
+    label: str = ""
+    """Names this sweep's prior arms in a comparison with other sweeps (``late (LABEL)``): the YAML's ``label``,
+    else its file name."""
 
 
 @dataclass
@@ -447,9 +448,9 @@ def compare(configs: Sequence[str | Path], output_dir: Path) -> list[dict[str, A
     ``late (LABEL)`` (its YAML ``label``, else its file name). A run that several sweeps read (an existing baseline
     or control) appears once. Rows gain ``sweep``, the label of the sweep they come from.
     """
+    sweeps = [load_sweep(config) for config in configs]
     rows, seen = [], set()
-    for index, config in enumerate(configs):
-        sweep = load_sweep(config)
+    for index, sweep in enumerate(sweeps):
         for row in collect(sweep, plan(sweep)):
             if row["checkpoint"] in seen:
                 continue
@@ -462,7 +463,7 @@ def compare(configs: Sequence[str | Path], output_dir: Path) -> list[dict[str, A
     write_results(rows, output_dir)
     prior = list(dict.fromkeys(row["schedule"] for row in rows if row["schedule"].split(" ")[0] in ("early", "late")))
     if prior:
-        headline = metric_column(load_sweep(configs[0]).metrics[0])
+        headline = metric_column(sweeps[0].metrics[0])
         plot_quality_vs_apl(rows, output_dir / "quality_vs_apl.png", headline, prior)
         plot_core_maps(rows, output_dir / "core_maps.png", prior)
     return rows
