@@ -54,13 +54,14 @@ def test_fit_is_the_closed_form_least_squares():
 
 
 def test_relu_units_positive_and_dead():
-    x = torch.stack([torch.rand(300) + 0.1, -torch.rand(300) - 0.1], dim=1)  # unit 0 always on, unit 1 dead
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.rand(300, generator=g) + 0.1, -torch.rand(300, generator=g) - 0.1], dim=1)  # on / dead
     moments = SiteMoments.zeros(2)
     moments.add(x, torch.relu(x))
     p, q, residual = moments.fit("affine", glu=False)
     assert p[0].item() == pytest.approx(1.0, abs=1e-12) and q[0].item() == pytest.approx(0.0, abs=1e-12)
     assert p[1].item() == 0.0 and q[1].item() == 0.0
-    assert residual.max().item() < 1e-20
+    assert residual.max().item() < 1e-12  # exact fits, up to fp64 cancellation in Var(z) - Cov^2 / Var(x)
     p, q, residual = moments.fit("identity", glu=False)
     assert (p.tolist(), q.tolist()) == ([1.0, 1.0], [0.0, 0.0]) and residual[1].item() > 0
 
