@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from .core_map import average_path_length
 from .folding import main_output, reader_projection
 from .gates import GatedActivation
-from .patching import _call, gated_modules, is_patched, linear_units, patch_state
+from .patching import gated_modules, is_patched, linear_units, patch_state
+from .probe_inputs import _call
 from .sparsity import linear_quota
 
 Target = Literal["affine", "identity"]

@@ -54,13 +54,12 @@ from .gates import GatedActivation
 from .patching import (
     FOLD_ATTR,
     STATE_ATTR,
-    _call,
-    default_example_inputs,
     gated_modules,
     linear_units,
     patch_state,
     summary,
 )
+from .probe_inputs import _call, default_example_inputs
 
 Projection = Union[nn.Linear, nn.Conv2d]
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
-from .patching import gated_modules, patch_model, patch_state, summary, timm_input_size
+from .patching import gated_modules, patch_model, patch_state, summary
+from .probe_inputs import timm_input_size
 
 FORMAT_VERSION = 1
 LINEARIZE_CONFIG_NAME = "linearize_config.json"

@@ -53,7 +53,7 @@ def test_vision_configs_parse_and_build_their_models(name, tmp_path):
                                              model_kwargs=parse_kwargs(model_args.model_kwargs)))
     _, evaluate = image_transforms(model, data_args.image_size, data_args.crop_pct)
     expected = (3, 32, 32) if name.startswith("cifar10") else (1, 28, 28)
-    assert hl.patching.timm_input_size(model)[0] == expected[0]
+    assert hl.probe_inputs.timm_input_size(model)[0] == expected[0]
     assert tuple(evaluate(Image.new("L", (28, 28))).shape) == expected
 
 

@@ -375,7 +375,7 @@ def test_timm_probe_input_follows_the_model_as_built(name, kwargs, image):
     """No example_inputs: the probe image has the size and channels the model was created with."""
     import timm
 
-    from hf_linearize.patching import timm_input_size
+    from hf_linearize.probe_inputs import timm_input_size
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=4, **kwargs).eval()

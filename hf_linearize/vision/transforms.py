@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
-from ..patching import timm_input_size
+from ..probe_inputs import timm_input_size
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 def data_config(model: nn.Module, image_size: Optional[int] = None, crop_pct: Optional[float] = None) -> dict[str, Any]:
     """``timm.data.resolve_model_data_config`` for the model as built: input size ``(C, H, W)`` from
-    :func:`~hf_linearize.patching.timm_input_size` (``image_size`` replaces H and W for models that take any size),
+    :func:`~hf_linearize.probe_inputs.timm_input_size` (``image_size`` replaces H and W for models that take any size),
     the pretrained mean/std reduced to their average when the model has another channel count.
 
     ``ValueError`` when ``image_size`` disagrees with a model built for a fixed size (ViT, Swin).
