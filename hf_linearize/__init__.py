@@ -20,18 +20,21 @@ from .core_map import (
     save_report_json,
 )
 from .folding import FoldReport, fold, fold_report
-from .gates import GatedActivation, SharedGatedActivation
+from .gates import ExpertGatedActivation, GatedActivation, SharedGatedActivation
 from .hub import HubPushError, LinearizedCheckpointError, from_pretrained, push_to_hub, save_pretrained
 from .patching import (
     GateSummary,
+    SiteLayout,
     gated_modules,
     is_patched,
     patch_model,
     set_linear,
     summary,
     unpatch,
+    verify_patch,
 )
 from .path_length import PathGraph
+from .probe_inputs import default_example_inputs, input_spec, inputs_from_spec
 from .trainer import (
     LinearizeCallback,
     LinearizeMixin,
@@ -59,6 +62,8 @@ __all__ = [
     "LinearizedCheckpointError",
     "PathGraph",
     "SharedGatedActivation",
+    "ExpertGatedActivation",
+    "SiteLayout",
     "average_path_length",
     "fold",
     "fold_report",
@@ -75,4 +80,8 @@ __all__ = [
     "set_linear",
     "summary",
     "unpatch",
+    "verify_patch",
+    "default_example_inputs",
+    "input_spec",
+    "inputs_from_spec",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import timm.layers
+import torch
 import transformers.activations as hf_act
 from torch import nn
 
@@ -73,20 +74,43 @@ def is_activation_like(module: nn.Module) -> bool:
     return not list(module.children()) and bool(_ACTIVATION_NAME.search(type(module).__name__))
 
 
-def glu_kind(parent: Optional[nn.Module]) -> GateKind:
-    """``"glu"`` when ``parent`` is a gated FFN ``act(u) * v`` whose ``act`` is the site, else ``"elementwise"``.
+HEAD_MODULES: tuple[str, ...] = (
+    "cls", "lm_head", "lm_predictions", "pooler", "classifier", "pre_classifier", "score", "qa_outputs", "head",
+    "heads", "pre_logits",
+)
+"""Names of task-head modules. An activation below one (e.g. DeBERTa-v2's MLM transform) is not an FFN site by
+default; name it in ``target_modules`` to gate it."""
 
-    Recognised: timm ``GluMlp``/``SwiGLUPacked``/``SwiGLU``, T5 v1.1/mT5 ``wi_0``/``wi_1``, and the
-    ``gate_proj``/``up_proj`` layout of LLaMA-style MLPs.
+
+def in_head(name: str) -> bool:
+    """True when a component of the dotted module ``name`` is one of :data:`HEAD_MODULES`."""
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+@torch.no_grad()
+def behaves_like_activation(module: nn.Module) -> bool:
+    """True for a parameter-free leaf module that acts like an FFN activation, whatever its class (BLOOM's
+    ``BloomGelu``): on a probe vector it is elementwise (each output depends on its own input only), nonlinear, and
+    unbounded like the identity for large inputs (``f(1000) / 1000`` within 10% of 1, as ReLU/GELU/SiLU). Sigmoid,
+    tanh, softmax, dropout and the identity fail the test. A module that raises on a 1-D float tensor is not one.
     """
-    if parent is None:
-        return "elementwise"
-    if isinstance(parent, (timm.layers.GluMlp, timm.layers.SwiGLU)):
-        return "glu"
-    for gate_name, value_name in (("wi_0", "wi_1"), ("gate_proj", "up_proj")):
-        if hasattr(parent, gate_name) and hasattr(parent, value_name):
-            return "glu"
-    return "elementwise"
+    if list(module.children()) or next(module.parameters(), None) is not None:
+        return False
+    x = torch.linspace(-4.0, 4.0, 33)
+    was_training = module.training
+    module.train(False)
+    try:
+        y, flipped, doubled, large = (module(t.clone()) for t in (x, x.flip(0), 2 * x, torch.tensor([1000.0])))
+    except Exception:
+        return False
+    finally:
+        module.train(was_training)
+    if not all(isinstance(t, torch.Tensor) and t.shape == s.shape and bool(torch.isfinite(t).all())
+               for t, s in ((y, x), (flipped, x), (doubled, x), (large, torch.empty(1)))):
+        return False
+    elementwise = torch.allclose(flipped, y.flip(0), atol=1e-6)
+    nonlinear = not torch.allclose(doubled, 2 * y, atol=1e-3)
+    return elementwise and nonlinear and abs(float(large[0]) / 1000.0 - 1.0) < 0.1
 
 
 @dataclass(frozen=True)

@@ -465,7 +465,7 @@ def _source(model: nn.Module) -> dict[str, Any]:
     state = patch_state(model)
     return {"family": state.family, "linearize_config": state.config.to_dict(),
             "sites": {name: gate.channels for name, gate in gated_modules(model)}, "summary": dict(summary(model)),
-            "path_length": path_length}
+            "path_length": path_length, "probe": state.probe}
 
 
 @torch.no_grad()

@@ -96,8 +96,9 @@ class _GateFunction(torch.autograd.Function):
 def _broadcast_weight(alpha: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """A per-channel ``[C]`` tensor cast to ``x.dtype`` and shaped to broadcast along ``channel_dim`` of ``x``."""
     w = alpha.to(x.dtype)
-    if channel_dim == 1 and x.dim() > 2:
-        w = w.view(-1, *([1] * (x.dim() - 2)))
+    dim = channel_dim % x.dim()
+    if dim != x.dim() - 1:
+        w = w.view(-1, *([1] * (x.dim() - 1 - dim)))
     return w
 
 
@@ -124,7 +125,8 @@ class GatedActivation(nn.Module):
     Args:
         act: the original activation module (called on the input; never in place).
         channels: number of units (size of the channel dimension).
-        channel_dim: ``-1`` for (B, T, C) or (B, ..., C) inputs, ``1`` for (B, C, H, W) inputs.
+        channel_dim: the input dim that holds the channels: ``-1`` for (B, T, C) or (B, ..., C) inputs, ``1`` for
+            (B, C, H, W) or (B, C, T) inputs; any other dim counts from 0.
         kind: ``"elementwise"`` or ``"glu"`` (see module docstring).
         init: initial gate value of every unit.
     """
@@ -135,8 +137,8 @@ class GatedActivation(nn.Module):
         super().__init__()
         if kind not in ("elementwise", "glu"):
             raise ValueError(f"Gate kind must be 'elementwise' or 'glu'; got {kind!r}.")
-        if channel_dim not in (-1, 1):
-            raise ValueError(f"channel_dim must be -1 (channels last) or 1 (channels first); got {channel_dim}.")
+        if not isinstance(channel_dim, int) or channel_dim < -1:
+            raise ValueError(f"channel_dim must be -1 (channels last) or a dim counted from 0; got {channel_dim!r}.")
         self.act = act
         self.channel_dim = channel_dim
         self.kind: GateKind = kind
@@ -239,3 +241,49 @@ class SharedGatedActivation(nn.Module):
         site = self.sites[self._calls % len(self.sites)]
         self._calls += 1
         return site(x)
+
+
+class ExpertGatedActivation(nn.Module):
+    """One activation instance that a fused mixture-of-experts module calls on the tokens of all its experts at
+    once (transformers 5 ``grouped_mm``/``batched_mm``) or once per expert (``eager``).
+
+    Each expert gets its own :class:`GatedActivation` in ``experts`` (named ``<name>.experts.<e>``), so a unit is
+    one channel of one expert and its gate acts on that expert's tokens only. Before each call of the experts
+    module, its forward pre-hook (installed by the patcher) tells :meth:`route` which expert each input row
+    belongs to (``rows``, shape ``[rows]``, int) or, for the eager layout, the experts in call order (``order``).
+    """
+
+    def __init__(self, experts: list[GatedActivation]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self._rows: Optional[torch.Tensor] = None
+        self._order: Optional[list[int]] = None
+        self._calls = 0
+
+    @property
+    def act(self) -> nn.Module:
+        return self.experts[0].act
+
+    def route(self, rows: Optional[torch.Tensor] = None, order: Optional[list[int]] = None) -> None:
+        """Set the routing of the next call(s): an expert id per input row, or the experts in call order."""
+        self._rows, self._order, self._calls = rows, order, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._order is not None:
+            if self._calls >= len(self._order):
+                raise RuntimeError(f"Expert activation called {self._calls + 1} times for {len(self._order)} routed "
+                                   "experts; the experts module's routing changed after patching. Patch it again.")
+            expert = self._order[self._calls]
+            self._calls += 1
+            return self.experts[expert](x)
+        if self._rows is None or self._rows.shape[0] != x.shape[0]:
+            raise RuntimeError("Expert activation called without the routing of its experts module (or with "
+                               f"{x.shape[0]} rows for {None if self._rows is None else self._rows.shape[0]} routed); "
+                               "call the experts module, not its activation, or patch the model again.")
+        out = x.new_zeros(x.shape)
+        for expert in self._rows.unique().tolist():
+            if expert >= len(self.experts):  # expert-parallel sentinel rows: left as they are
+                continue
+            index = (self._rows == expert).nonzero().squeeze(1)
+            out = out.index_copy(0, index, self.experts[expert](x.index_select(0, index)))
+        return out

@@ -6,7 +6,8 @@ A checkpoint directory holds:
 ``config.json``             the base model's own config (transformers), or timm's ``config.json`` with
                             ``architecture`` and ``model_args`` (as ``timm.models.push_to_hf_hub`` writes it)
 ``linearize_config.json``   format version, library version, backend, family, ``LinearizeConfig``, the gated
-                            sites, and the gate summary and path lengths measured on the saved model; for a
+                            sites, the probe input's spec (``probe``: names, shapes, dtypes, no data; loading
+                            probes with it), and the gate summary and path lengths measured on the saved model; for a
                             folded model (``hl.fold``) also ``variant: "folded"`` and ``fold`` (the plan that
                             rebuilds its structure, and the fold report's totals)
 ``model.safetensors``       every weight, gates included (``<site>.alpha``)
@@ -40,7 +41,7 @@ from torch import nn
 from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
 from .patching import gated_modules, patch_model, patch_state, summary
-from .probe_inputs import timm_input_size
+from .probe_inputs import inputs_from_spec, timm_input_size
 
 FORMAT_VERSION = 1
 LINEARIZE_CONFIG_NAME = "linearize_config.json"
@@ -107,6 +108,7 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
         "sites": {name: gate.channels for name, gate in gated_modules(model)},
         "summary": dict(summary(model)),
         "path_length": _path_length(model),
+        "probe": state.probe,
     }
 
 
@@ -199,6 +201,7 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     if metadata["backend"] == "transformers":
         model.save_pretrained(directory)
+        _keep_gate_names(model, directory / WEIGHTS_NAME)
     else:
         from timm.models._hub import save_config_for_hf
 
@@ -212,6 +215,28 @@ def save_pretrained(
     card_kwargs.setdefault("load_from", str(directory))
     render_model_card(metadata, **card_kwargs).save(directory / "README.md")
     return directory
+
+
+def _keep_gate_names(model: nn.Module, weights_file: Path) -> None:
+    """Store the gate tensors under the patched model's own names.
+
+    transformers 5 may rename keys on save back to an older layout (Mixtral's ``mlp`` -> ``block_sparse_moe``),
+    gates included; its loader maps base weights back but leaves the gates, which it does not know, under the old
+    names. Renamed gate tensors are replaced by the model's own. Sharded checkpoints are left as transformers
+    wrote them."""
+    if not weights_file.is_file():
+        return
+    gate_keys = {f"{name}.{key}" for name, gate in gated_modules(model) for key in gate.state_dict()}
+    with safetensors.safe_open(str(weights_file), "pt") as handle:
+        keys, file_metadata = set(handle.keys()), handle.metadata()
+    if gate_keys <= keys:
+        return
+    state = safetensors.torch.load_file(str(weights_file))
+    own = model.state_dict()
+    suffixes = tuple("." + key for key in ("alpha", "target_slope", "target_offset"))
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(suffixes)}
+    state.update({k: own[k].detach().contiguous() for k in gate_keys})
+    safetensors.torch.save_file(state, str(weights_file), metadata=file_metadata)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -401,7 +426,8 @@ def from_pretrained(
     else:
         model, base_mismatch = _build_transformers_model(directory)
     base_keys = set(model.state_dict())
-    patch_model(model, metadata["linearize_config"])
+    probe = metadata.get("probe")  # how the saved model was probed (names, shapes, dtypes); older files: the default
+    patch_model(model, metadata["linearize_config"], example_inputs=inputs_from_spec(probe) if probe else None)
     sites = {name: gate.channels for name, gate in gated_modules(model)}
     if sites != metadata["sites"]:
         differ = sorted(set(sites.items()) ^ set(metadata["sites"].items()))[:5]

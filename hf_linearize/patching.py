@@ -8,6 +8,7 @@ called at several places, and swaps the gates in. ``unpatch`` puts the original 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,15 +18,10 @@ import torch
 from torch import nn
 
 from .config import LinearizeConfig, Pattern
-from .families import (
-    ACTIVATION_TYPES,
-    FamilySpec,
-    find_family,
-    glu_kind,
-    is_activation_like,
-)
-from .gates import GatedActivation, SharedGatedActivation
-from .probe_inputs import _call, _model_name, _shapes, default_example_inputs
+from .families import ACTIVATION_TYPES, NOT_GATED_BY_DEFAULT, FamilySpec, behaves_like_activation, find_family, in_head, is_activation_like
+from . import dataflow
+from .gates import ExpertGatedActivation, GatedActivation, GateKind, SharedGatedActivation
+from .probe_inputs import _call, _model_name, _shapes, default_example_inputs, input_spec
 
 STATE_ATTR = "_hf_linearize"
 FOLD_ATTR = "_hf_linearize_fold"
@@ -42,6 +38,9 @@ class PatchState:
     family: str
     inplace: dict[str, bool] = field(default_factory=dict)
     """Original ``inplace`` flag of each wrapped activation, restored by ``unpatch``."""
+    probe: Optional[dict[str, Any]] = None
+    """The probe input's spec (:func:`~hf_linearize.probe_inputs.input_spec`: names, shapes, dtypes; no data),
+    saved with checkpoints so that loading probes the same way."""
 
 
 # --------------------------------------------------------------------------------------------- selection
@@ -74,9 +73,8 @@ def _select_sites(model: nn.Module, config: LinearizeConfig, family: FamilySpec)
                     "activation. Select activation modules only, e.g. 'activation_fn' or r'.*\\.mlp\\.act'."
                 )
             selected.append(name)
-        elif isinstance(module, ACTIVATION_TYPES) or (
-            is_activation_like(module) and glu_kind(_parent(model, name)[0]) == "glu"
-        ):
+        elif not in_head(name) and (isinstance(module, ACTIVATION_TYPES) or (
+                not isinstance(module, NOT_GATED_BY_DEFAULT) and behaves_like_activation(module))):
             selected.append(name)
     if not selected:
         found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and is_activation_like(m)]
@@ -90,100 +88,162 @@ def _select_sites(model: nn.Module, config: LinearizeConfig, family: FamilySpec)
 
 
 # --------------------------------------------------------------------------------------------- probing
+# --------------------------------------------------------------------------------------------- probing
 @dataclass
-class _SiteCalls:
-    """Calls of one activation instance, grouped by the forward call of its parent module."""
+class SiteLayout:
+    """What the probe's data flow says about one call of an activation module (see :mod:`hf_linearize.dataflow`).
 
-    per_parent_call: list[list[tuple[tuple[int, ...], int]]] = field(default_factory=list)
-    """[parent call][k-th call inside it] -> (input shape, channel dim)."""
+    Attributes:
+        name: the activation module's name.
+        kind: ``"elementwise"`` or ``"glu"`` (its output multiplies a value ``v``: ``act(u) * v``).
+        layout: ``elementwise``, ``glu`` (separate projections), ``packed-glu`` (``u`` and ``v`` halves of one
+            projection) or ``glu-other`` (``v`` is not a linear map of the FFN input); ``expert-`` prefixed for a
+            fused MoE experts module.
+        channel_dim: the input dim that holds the units (-1: last; else a dim counted from 0).
+        channels: number of units.
+        experts: for a fused MoE experts module, ``(module name, number of experts)``.
+    """
+
+    name: str
+    kind: GateKind
+    layout: str
+    channel_dim: int
+    channels: int
+    experts: Optional[tuple[str, int]] = None
 
 
-_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+def _channel_dim(graph: dataflow.ModelGraph, region: dataflow.Region) -> Optional[int]:
+    """The dim of the site input whose index a bump on one output channel of the producer reaches, and only one
+    index of it (module docstring of :mod:`hf_linearize.dataflow`); None without a producer or when no dim fits."""
+    site_in = region.site_op.reads[0]
+    x = graph.values[site_in]
+    producer = next((op for op in region.producers if op.writes), None)
+    if producer is None:
+        return None
+    out = graph.values[producer.writes[0]]
+    feature = producer.feature_dim() % out.dim()
+    candidates = {d for d in range(x.dim()) if x.shape[d] > 1}
+    reached = False
+    for c in sorted({0, out.shape[feature] // 2, out.shape[feature] - 1}):
+        def bump(t: torch.Tensor, c: int = c) -> torch.Tensor:
+            t = t.clone()
+            t.select(feature, c).add_(1.0 + t.select(feature, c).abs())
+            return t
+        env = graph.replay(region, {}, lambda op, v: v, edit={producer.writes[0]: bump})
+        diff = (env.get(site_in, x) != x) if site_in in env else None
+        if diff is None or not bool(diff.any()):
+            continue
+        reached = True
+        candidates &= {d for d in range(x.dim()) if int(diff.movedim(d, 0).flatten(1).any(1).sum()) == 1}
+    if not reached or len(candidates) != 1:
+        return None
+    dim = candidates.pop()
+    return -1 if dim == x.dim() - 1 else dim
 
 
-def _channel_dim(producer: Optional[nn.Module], shape: tuple[int, ...]) -> int:
-    """Channel dimension of an activation input, from the last parametrised layer run before it."""
-    if isinstance(producer, _CHANNELS_FIRST) or (
-        isinstance(producer, nn.LayerNorm) and type(producer).__name__.endswith("2d")
-    ):
-        return 1
-    if isinstance(producer, (nn.Linear, nn.LayerNorm)) or len(shape) != 4:
-        return -1
-    return 1
+def _layout(model: nn.Module, graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, str]) -> SiteLayout:
+    """The :class:`SiteLayout` of one recorded site call."""
+    region = graph.region(op)
+    x = graph.values[op.reads[0]]
+    dim = _channel_dim(graph, region)
+    if dim is None:  # no producer projection to learn it from: channels first for images, else last
+        dim = 1 if x.dim() == 4 else -1
+    experts = None
+    for producer in region.producers:
+        weight = graph.weight(producer)
+        if weight is not None and weight.dim() == 3 and weight.untyped_storage().data_ptr() in owners:
+            experts = (owners[weight.untyped_storage().data_ptr()], int(weight.shape[0]))
+    layout = ("expert-" if experts else "") + region.layout
+    return SiteLayout(op.site, region.kind, layout, dim, int(x.shape[dim]), experts)
 
 
-def _probe(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, _SiteCalls]:
-    calls: dict[str, _SiteCalls] = {name: _SiteCalls() for name in names}
-    last_producer: list[Optional[nn.Module]] = [None]
+def _probe(model: nn.Module, names: list[str], example_inputs: Any
+           ) -> tuple[dataflow.ModelGraph, dict[str, list[list[SiteLayout]]], Any]:
+    """Run the probe once and record its data flow. Returns the record, per site the layouts of its calls grouped
+    by call of the site's scope (the common parent of every name it has; see :func:`_scope`), and the inputs."""
+    inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
+    modules = {name: model.get_submodule(name) for name in names}
+    groups: dict[str, list[list[int]]] = {name: [] for name in names}
+    counts: dict[str, int] = {name: 0 for name in names}
     handles = []
 
-    def remember_producer(module: nn.Module, args: Any, output: Any) -> None:
-        last_producer[0] = module
+    def new_scope_call(name: str, module: nn.Module, args: Any) -> None:
+        groups[name].append([])
 
-    def new_parent_call(name: str, module: nn.Module, args: Any) -> None:
-        calls[name].per_parent_call.append([])
-
-    def record_site(name: str, module: nn.Module, args: Any) -> None:
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise ValueError(f"Activation {name!r} is not called with a tensor; it cannot be gated.")
-        shape = tuple(args[0].shape)
-        groups = calls[name].per_parent_call
-        if not groups:
-            groups.append([])
-        groups[-1].append((shape, _channel_dim(last_producer[0], shape)))
+    def record_call(name: str, module: nn.Module, args: Any) -> None:
+        if not groups[name]:
+            groups[name].append([])
+        groups[name][-1].append(counts[name])
+        counts[name] += 1
 
     try:
-        for module in model.modules():
-            if next(module.parameters(recurse=False), None) is not None:
-                handles.append(module.register_forward_hook(remember_producer))
         for name in names:
-            parent, _ = _parent(model, name)
-            if parent is not model:
-                handles.append(parent.register_forward_pre_hook(functools.partial(new_parent_call, name)))
-            handles.append(model.get_submodule(name).register_forward_pre_hook(functools.partial(record_site, name)))
+            scope = _scope(model, name)
+            if scope is not model:
+                handles.append(scope.register_forward_pre_hook(functools.partial(new_scope_call, name)))
+            handles.append(modules[name].register_forward_pre_hook(functools.partial(record_call, name)))
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                if example_inputs is not None:
-                    _call(model, example_inputs)
-                else:
-                    _probe_with_default_inputs(model)
+                graph = dataflow.record(model, lambda: _call(model, inputs), inputs, modules)
+        except Exception as error:
+            if example_inputs is not None:
+                raise
+            raise ValueError(
+                f"The probe forward pass of {_model_name(model)} failed on the example input built for it (shape "
+                f"{_shapes(inputs)}): {type(error).__name__}: {error}. The model's input could not be inferred; "
+                "pass example_inputs= (one small batch the model accepts) to patch_model."
+            ) from error
         finally:
             model.train(was_training)
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    owners = {p.untyped_storage().data_ptr(): name.rpartition(".")[0] for name, p in model.named_parameters()}
+    layouts: dict[str, list[list[SiteLayout]]] = {}
+    for name in names:
+        calls = graph.site_calls(name)
+        if len(calls) != counts[name]:
+            raise ValueError(
+                f"Activation {name!r} is called on a value that does not depend on the model's input, so its units "
+                f"are not FFN units; exclude it with exclude_modules=[{name!r}]."
+            )
+        layouts[name] = [[_layout(model, graph, calls[i], owners) for i in group] for group in groups[name] if group]
+    return graph, layouts, inputs
 
 
-def _probe_with_default_inputs(model: nn.Module) -> None:
-    """Run the probe on :func:`default_example_inputs`; a failure inside the model becomes a ``ValueError`` that
-    names the model and the input tried and asks for ``example_inputs`` (never a bare assertion from the model)."""
-    inputs = default_example_inputs(model)
-    try:
-        _call(model, inputs)
-    except Exception as error:
-        raise ValueError(
-            f"The probe forward pass of {_model_name(model)} failed on the example input built for it (shape "
-            f"{_shapes(inputs)}): {type(error).__name__}: {error}. The model's input could not be inferred; pass "
-            "example_inputs= (one small batch the model accepts) to patch_model."
-        ) from error
+def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which ``module`` is registered in ``model`` (one instance may stand at several places)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
+
+
+def _scope(model: nn.Module, name: str) -> nn.Module:
+    """The module whose every forward call restarts the count of ``name``'s calls: the deepest common parent of
+    all the names of that activation instance."""
+    parents = [alias.split(".")[:-1] for alias in _aliases(model, model.get_submodule(name))]
+    common = []
+    for parts in zip(*parents):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return model.get_submodule(".".join(common)) if common else model
 
 
 class _ResetSharedCalls:
-    """Forward pre-hook on a parent module: restart the call count of its shared gated activation."""
+    """Forward pre-hook on a site's scope: restart the call count of its shared gated activation (at ``path``
+    below the scope)."""
 
-    def __init__(self, attr: str) -> None:
-        self.attr = attr
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        getattr(module, self.attr).reset()
+        module.get_submodule(self.path).reset()
 
 
 # --------------------------------------------------------------------------------------------- public API
 def patch_model(
-    model: nn.Module, config: Optional[LinearizeConfig] = None, example_inputs: Any = None
+    model: nn.Module, config: Optional[LinearizeConfig] = None, example_inputs: Any = None, *, verify: bool = True
 ) -> nn.Module:
     """Gate every FFN/MLP activation of ``model`` in place and return it.
 
@@ -191,11 +251,19 @@ def patch_model(
         model: a ``transformers.PreTrainedModel``, a timm model, or any ``nn.Module``.
         config: which sites and how the gates start; default ``LinearizeConfig()``.
         example_inputs: input for one probe forward pass (tensor, tuple of args, or dict of kwargs);
-            built automatically for HF and timm models.
+            built automatically for HF and timm models (:func:`~hf_linearize.probe_inputs.default_example_inputs`).
+        verify: check every site on the probe input (:func:`verify_patch`). ``False`` skips the check, which
+            costs about one forward pass plus a few replays of each FFN; a wrongly gated site then goes unnoticed.
+
+    Sites come from the probe's data flow (:mod:`hf_linearize.dataflow`): each call of an activation instance
+    gets its own gate; its kind (elementwise, or GLU when its output multiplies a value ``v``) and channel axis
+    are read from the producer and consumer projections, and a fused MoE experts module gets one gate per expert
+    and channel.
 
     With ``gate_init=0`` (the default) the patched model computes exactly what it computed before.
     Raises ``TypeError``/``ValueError`` (model unchanged) for a non-module, a model that is already patched,
-    or a selection that matches no activation.
+    a selection that matches no activation, or a site that fails verification (the error names the site, its
+    layout and the reason, and how to exclude it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module; got {type(model).__name__}.")
@@ -211,44 +279,245 @@ def patch_model(
         raise TypeError(f"config must be a LinearizeConfig; got {type(config).__name__}.")
     family = find_family(model)
     names = _select_sites(model, config, family)
-    calls = _probe(model, names, example_inputs)
-    never_called = [n for n in names if not calls[n].per_parent_call]
+    graph, layouts, inputs = _probe(model, names, example_inputs)
+    never_called = [n for n in names if not layouts[n]]
     if len(never_called) == len(names):
         raise ValueError(f"None of the selected activations {names[:5]} ran in the probe forward pass.")
     if never_called:
         warnings.warn(f"Not gated, since they did not run in the probe forward pass: {never_called}.", stacklevel=2)
-
-    plan = []
+    plan = {}
     for name in names:
-        groups = [g for g in calls[name].per_parent_call if g]
+        groups = layouts[name]
         if not groups:
             continue
-        if any(g != groups[0] for g in groups):
+        if groups[0][0].experts is not None:  # one gate per expert, however often the experts module calls it
+            groups = [[call] for group in groups for call in group]
+        if any(len(g) != len(groups[0]) or any(_differ(a, b) for a, b in zip(g, groups[0])) for g in groups):
             raise ValueError(
-                f"Activation {name!r} is called with a different number of inputs or shapes on different calls "
-                f"of its parent; exclude it with exclude_modules=[{name!r}]."
+                f"Activation {name!r} is called with a different number of inputs, shapes or layouts on different "
+                f"calls of its parent; exclude it with exclude_modules=[{name!r}]."
             )
-        plan.append((name, groups[0]))
-
-    state = PatchState(config=config, family=family.name)
-    for name, site_calls in plan:
-        parent, attr = _parent(model, name)
-        act = getattr(parent, attr)
-        if getattr(act, "inplace", False):
-            state.inplace[name] = True
-            act.inplace = False
-        kind = glu_kind(parent)
-        gates = [
-            GatedActivation(act, shape[dim], channel_dim=dim, kind=kind, init=config.gate_init)
-            for shape, dim in site_calls
-        ]
-        if len(gates) == 1:
-            setattr(parent, attr, gates[0])
-        else:
-            setattr(parent, attr, SharedGatedActivation(gates))
-            parent.register_forward_pre_hook(_ResetSharedCalls(attr))
+        plan[name] = groups[0]
+    _refuse_unsupported(plan)
+    state = PatchState(config=config, family=family.name, probe=input_spec(inputs))
+    for name, site_calls in plan.items():
+        _gate_site(model, name, site_calls, config, state)
     setattr(model, STATE_ATTR, state)
+    if verify:
+        try:
+            verify_patch(model, graph, inputs)
+        except Exception:
+            for _, gate in gated_modules(model):
+                gate.alpha.data.zero_()
+            unpatch(model)  # the model is left as it came
+            raise
     return model
+
+
+def verify_patch(model: nn.Module, graph: dataflow.ModelGraph, inputs: Any) -> None:
+    """Check every gated site of a freshly patched model on the probe input; ``ValueError`` naming the first site
+    that fails.
+
+    1. With every gate at 0 the model's output is bit-identical to the recorded probe output.
+    2. With one site's gates at 1 (every other site unchanged), its FFN region (:mod:`hf_linearize.dataflow`),
+       replayed on the recorded values, is affine in the region's inputs: homogeneity and additivity residuals
+       within ``64 * eps(dtype)`` of the output scale (:func:`~hf_linearize.dataflow.affine_defect`).
+    3. For fused MoE experts, the experts module is affine in its input with all of a site's gates at 1, and
+       setting one expert's gates to 1 changes only the tokens routed to that expert.
+
+    Runs in eval mode without gradients; the gates and the training mode are restored afterwards.
+    """
+    saved = {name: gate.alpha.detach().clone() for name, gate in gated_modules(model)}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _, gate in gated_modules(model):
+                gate.alpha.zero_()
+            _verify_sites(model, graph, inputs)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, gate in gated_modules(model):
+                gate.alpha.copy_(saved[name])
+
+
+def _verify_sites(model: nn.Module, graph: dataflow.ModelGraph, inputs: Any) -> None:
+    captured: dict[str, tuple] = {}
+    handles = [experts.register_forward_pre_hook(
+        lambda m, a, k, n=name: captured.setdefault(n, (a, k)), with_kwargs=True)
+        for name, experts in _experts_modules(model).items()]
+    try:
+        with torch.no_grad():
+            output = _call(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = [t for t in torch.utils._pytree.tree_leaves(graph.output) if isinstance(t, torch.Tensor)]
+    got = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    if len(got) != len(expected) or any(not torch.equal(a, b) for a, b in zip(got, expected)):
+        raise ValueError("The patched model's output differs from the unpatched one with every gate at 0; patching "
+                         "changed the model. Please report it; pass exclude_modules= to leave sites out meanwhile.")
+    for name in {op.site for op in graph.site_calls()}:
+        site = model.get_submodule(name)
+        calls = graph.site_calls(name)
+        if isinstance(site, ExpertGatedActivation):
+            _verify_experts(name, site, model, captured)
+            continue
+        for op in calls:
+            gate = site if isinstance(site, GatedActivation) else site.sites[op.call % len(site.sites)]
+            region = graph.region(op)
+            data = [k for k in region.inputs if graph.values[k].is_floating_point()]
+
+            def run(values: list[torch.Tensor], region=region, data=data, gate=gate) -> list[torch.Tensor]:
+                env = graph.replay(region, dict(zip(data, values)), lambda call, x: gate(x))
+                return [env.get(k, graph.values[k]) for k in region.outputs]
+
+            with torch.no_grad():
+                gate.alpha.fill_(1.0)
+                try:
+                    defect, tolerance = dataflow.affine_defect(run, [graph.values[k] for k in data])
+                finally:
+                    gate.alpha.zero_()
+            if not defect <= tolerance:
+                raise ValueError(
+                    f"Site {name!r} (call {op.call}, layout {_layout_of(gate, region)}) fails verification: with its "
+                    f"gates at 1 its FFN is not affine in its input (defect {defect:.3g} > tolerance {tolerance:.3g}; "
+                    f"region ops: {[o.name for o in region.ops][:12]}). Exclude it with exclude_modules=[{name!r}]."
+                )
+
+
+def _layout_of(gate: GatedActivation, region: dataflow.Region) -> str:
+    return f"{region.layout}, channel_dim {gate.channel_dim}, {gate.channels} channels"
+
+
+def _experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Fused experts modules that hold an :class:`ExpertGatedActivation`, by name."""
+    return {name: module for name, module in model.named_modules()
+            if any(isinstance(h, ExpertRouting) for h in module._forward_pre_hooks.values())}
+
+
+def _verify_experts(name: str, site: ExpertGatedActivation, model: nn.Module, captured: dict[str, tuple]) -> None:
+    owner = next((n for n in captured if name.startswith(n + ".") or not n), None)
+    if owner is None:
+        raise ValueError(f"Expert site {name!r}: its experts module did not run in the probe; exclude it with "
+                         f"exclude_modules=[{name!r}].")
+    experts = model.get_submodule(owner) if owner else model
+    args, kwargs = captured[owner]
+    hidden, rest = args[0], args[1:]
+    index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+
+    def run(values: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [experts(values[0], *rest, **kwargs)]
+
+    with torch.no_grad():
+        base = run([hidden])[0]
+        try:
+            for gate in site.experts:
+                gate.alpha.fill_(1.0)
+            defect, tolerance = dataflow.affine_defect(run, [hidden])
+            if not defect <= tolerance:
+                raise ValueError(
+                    f"Expert site {name!r} (layout expert-{'glu' if site.experts[0].kind == 'glu' else 'elementwise'})"
+                    f" fails verification: with its gates at 1 the experts module is not affine in its input (defect "
+                    f"{defect:.3g} > tolerance {tolerance:.3g}). Exclude it with exclude_modules=[{name!r}].")
+            for gate in site.experts:
+                gate.alpha.zero_()
+            for expert, gate in enumerate(site.experts):
+                gate.alpha.fill_(1.0)
+                changed = (run([hidden])[0] != base).flatten(1).any(1)
+                gate.alpha.zero_()
+                routed = (index == expert).any(-1)
+                if bool((changed & ~routed).any()):
+                    raise ValueError(
+                        f"Expert site {name!r}: the gates of expert {expert} changed tokens not routed to it; the "
+                        "experts module orders its rows in a way the gate does not know. Exclude it with "
+                        f"exclude_modules=[{name!r}] or set config._experts_implementation to 'eager'.")
+        finally:
+            for gate in site.experts:
+                gate.alpha.zero_()
+
+
+def _differ(a: SiteLayout, b: SiteLayout) -> bool:
+    return (a.kind, a.layout, a.channel_dim, a.channels, a.experts) != (b.kind, b.layout, b.channel_dim, b.channels,
+                                                                         b.experts)
+
+
+def _refuse_unsupported(plan: Mapping[str, list[SiteLayout]]) -> None:
+    """A ``ValueError`` for a site that no gate can make linear, before anything is changed."""
+    for name, calls in plan.items():
+        for layout in calls:
+            if layout.layout.endswith("glu-other"):
+                raise ValueError(
+                    f"Activation {name!r} (layout {layout.layout}) cannot be gated: its output is multiplied by a "
+                    "value that is not a linear map of the FFN's input (it passes through a nonlinearity), so no gate "
+                    f"value makes the unit linear. Exclude it with exclude_modules=[{name!r}]."
+                )
+
+
+def _gate_site(model: nn.Module, name: str, site_calls: list[SiteLayout], config: LinearizeConfig,
+               state: PatchState) -> None:
+    """Put the gate(s) of one activation instance at every name it has."""
+    act = model.get_submodule(name)
+    if getattr(act, "inplace", False):
+        state.inplace[name] = True
+        act.inplace = False
+    first = site_calls[0]
+    if first.experts is not None:
+        experts_name, count = first.experts
+        experts = model.get_submodule(experts_name) if experts_name else model
+        gate: nn.Module = ExpertGatedActivation([
+            GatedActivation(act, first.channels, first.channel_dim, first.kind, config.gate_init) for _ in range(count)
+        ])
+        experts.register_forward_pre_hook(ExpertRouting(_relative(experts_name, name)), with_kwargs=True)
+    else:
+        gates = [GatedActivation(act, c.channels, channel_dim=c.channel_dim, kind=c.kind, init=config.gate_init)
+                 for c in site_calls]
+        gate = gates[0] if len(gates) == 1 else SharedGatedActivation(gates)
+    aliases = _aliases(model, act)
+    for alias in aliases:
+        parent, attr = _parent(model, alias)
+        setattr(parent, attr, gate)
+    if isinstance(gate, SharedGatedActivation):
+        scope_name = ".".join(os.path.commonprefix([a.split(".")[:-1] for a in aliases]))
+        scope = model.get_submodule(scope_name) if scope_name else model
+        scope.register_forward_pre_hook(_ResetSharedCalls(_relative(scope_name, aliases[0])))
+
+
+def _relative(owner: str, name: str) -> str:
+    """``name`` as a path below the module ``owner`` ("" is the model)."""
+    return name[len(owner) + 1:] if owner else name
+
+
+class ExpertRouting:
+    """Forward pre-hook on a fused experts module (transformers 5 ``@use_experts_implementation``): hand its
+    :class:`~hf_linearize.gates.ExpertGatedActivation` the expert of every row it will see.
+
+    The row order follows the module's ``config._experts_implementation``: ``grouped_mm`` sorts the
+    ``(token, k)`` pairs by expert, ``batched_mm`` keeps them token-major, ``eager`` (or None) calls the
+    activation once per routed expert in increasing order. Other implementations raise ``RuntimeError``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        gate = module.get_submodule(self.path)
+        index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+        implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        experts = len(gate.experts)
+        if implementation in (None, "eager"):
+            gate.route(order=[e for e in index.unique().tolist() if e < experts])
+        elif implementation == "grouped_mm":
+            gate.route(rows=torch.sort(index.reshape(-1)).values)
+        elif implementation == "batched_mm":
+            gate.route(rows=index.reshape(-1))
+        else:
+            raise RuntimeError(
+                f"Gated experts of {type(module).__name__} support the 'eager', 'grouped_mm' and 'batched_mm' "
+                f"implementations, not {implementation!r}; set model.config._experts_implementation to one of them "
+                "(or load with experts_implementation='grouped_mm')."
+            )
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -290,20 +559,21 @@ def unpatch(model: nn.Module) -> nn.Module:
             " so removing the gates would change the model. Zero them first (e.g. `for _, g in "
             "gated_modules(model): g.alpha.data.zero_()`) or keep the patched model."
         )
-    wrappers: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        inside_shared = wrappers and name.startswith(wrappers[-1][0] + ".")
-        if isinstance(module, (GatedActivation, SharedGatedActivation)) and not inside_shared:
-            wrappers.append((name, module))
+    wrappers = [(name, module) for name, module in model.named_modules()
+                if isinstance(module, (SharedGatedActivation, ExpertGatedActivation))
+                or (isinstance(module, GatedActivation) and not name.rpartition(".")[0].endswith((".sites", ".experts"))
+                    and name.rpartition(".")[0] not in ("sites", "experts"))]
     for name, module in wrappers:
-        parent, attr = _parent(model, name)
         act = module.act
         if state.inplace.get(name):
             act.inplace = True
-        setattr(parent, attr, act)
-        for key, hook in list(parent._forward_pre_hooks.items()):
-            if isinstance(hook, _ResetSharedCalls) and hook.attr == attr:
-                del parent._forward_pre_hooks[key]
+        for alias in _aliases(model, module):
+            parent, attr = _parent(model, alias)
+            setattr(parent, attr, act)
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, (_ResetSharedCalls, ExpertRouting)):
+                del module._forward_pre_hooks[key]
     delattr(model, STATE_ATTR)
     return model
 

@@ -153,7 +153,8 @@ def run(model: nn.Module, inputs: Any) -> torch.Tensor:
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     if isinstance(out, torch.Tensor):
         return out
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return next(getattr(out, name) for name in ("logits", "last_hidden_state", "logits_per_image")
+                if getattr(out, name, None) is not None)
 
 
 def free_port() -> int:

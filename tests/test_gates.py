@@ -134,7 +134,18 @@ def test_shared_sites_cycle_and_reset():
     assert torch.equal(shared(x), torch.zeros(1, 4))
 
 
-@pytest.mark.parametrize("kwargs, message", [({"kind": "bilinear"}, "Gate kind"), ({"channel_dim": 2}, "channel_dim")])
+def test_any_channel_dim_broadcasts_along_that_dim():
+    """A (B, C, T) layout after a transpose, or channels in dim 2 of a 4-D tensor: gate c acts on index c only."""
+    for dim, shape in ((1, (2, 3, 5)), (2, (2, 5, 3, 4))):
+        gate = GatedActivation(nn.ReLU(), 3, channel_dim=dim)
+        gate.alpha.data[1] = 1.0
+        x = -torch.ones(shape)
+        expected = torch.zeros(shape)
+        expected.select(dim, 1).fill_(-1.0)
+        assert torch.equal(gate(x), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"kind": "bilinear"}, "Gate kind"), ({"channel_dim": -2}, "channel_dim")])
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GatedActivation(nn.ReLU(), 4, **kwargs)

@@ -407,3 +407,228 @@ def test_timm_input_that_cannot_be_inferred_asks_for_example_inputs():
     assert not hl.is_patched(model)
     hl.patch_model(model, example_inputs=torch.randn(1, 3, 40, 40))
     assert [n for n, _ in hl.gated_modules(model)] == ["1"]
+
+
+# --------------------------------------------------------------------------------------------- traced layouts
+def _tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Tiny transformers of the layouts the data-flow probe must read (packed GLU, fused experts, dual encoder,
+    audio, BLOOM's own GELU class)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 2]])
+    moe = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=100)
+    if name == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                                 num_attention_heads=2, vocab_size=100, pad_token_id=0))
+    elif name in ("mixtral", "mixtral_eager"):
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=8, num_local_experts=4, **moe))
+        if name == "mixtral_eager":
+            model.config._experts_implementation = "eager"
+    elif name == "qwen2_moe":
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                                                         num_experts=4, num_experts_per_tok=2, **moe))
+    elif name == "clip":
+        model = tf.CLIPModel(tf.CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=100, max_position_embeddings=16),
+            vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=16, patch_size=8)))
+        return model.eval(), {"input_ids": ids, "pixel_values": torch.randn(1, 3, 16, 16)}
+    elif name == "whisper":
+        model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=32, decoder_ffn_dim=24, num_mel_bins=8, max_source_positions=16, vocab_size=100,
+            max_target_positions=16, pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2))
+        return model.eval(), {"input_features": torch.randn(1, 8, 32), "decoder_input_ids": ids[:, :4]}
+    elif name == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=16, n_layer=2, n_head=2, vocab_size=100))
+    else:
+        raise KeyError(name)
+    return model.eval(), {"input_ids": ids}
+
+
+def _affine_defect(f, x: torch.Tensor) -> float:
+    """Largest additivity/homogeneity residual of ``f`` around ``x``, relative to its output scale."""
+    d, e = torch.randn_like(x), torch.randn_like(x)
+    with torch.no_grad():
+        fx, fd, fe = f(x), f(x + d), f(x + e)
+        residual = max(float((f(x + d + e) - fd - fe + fx).abs().max()), float((f(x + 2 * d) - 2 * fd + fx).abs().max()))
+    return residual / (float(fx.abs().max()) + 1.0)
+
+
+def _ffn_blocks(name: str, model: nn.Module) -> list[tuple[str, object]]:
+    """(site-name prefix, FFN as a function of its input) for each FFN block, written from the model's own
+    modules (not the library's trace), with routing fixed for experts."""
+    if name == "phi3":
+        return [("model.layers.0.mlp", model.model.layers[0].mlp)]
+    if name in ("mixtral", "mixtral_eager", "qwen2_moe"):
+        blocks = []
+        for i, layer in enumerate(model.model.layers):
+            experts = layer.mlp.experts
+            index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+            weights = torch.full((6, 2), 0.5)
+            blocks.append((f"model.layers.{i}.mlp.experts", lambda h, ex=experts: ex(h.reshape(6, 16), index, weights)))
+            if name == "qwen2_moe":
+                blocks.append((f"model.layers.{i}.mlp.shared_expert", layer.mlp.shared_expert))
+        return blocks
+    if name == "clip":
+        layers = [("text_model", model.text_model.encoder.layers[0]), ("vision_model", model.vision_model.encoder.layers[0])]
+        return [(f"{p}.encoder.layers.0.mlp", lambda h, m=layer.mlp: m(h)) for p, layer in layers]
+    if name == "whisper":
+        return [(f"model.{part}.layers.0", lambda h, l=getattr(model.model, part).layers[0]: l.fc2(l.activation_fn(l.fc1(h))))
+                for part in ("encoder", "decoder")]
+    if name == "bloom":
+        return [(f"transformer.h.{i}.mlp", lambda h, m=layer.mlp: m(h, torch.zeros_like(h)))
+                for i, layer in enumerate(model.transformer.h)]
+    raise KeyError(name)
+
+
+TRACED = {  # case -> (number of gates, {(kind, channel_dim)}, units)
+    "phi3": (1, {("glu", -1)}, 24),
+    "mixtral": (8, {("glu", -1)}, 2 * 4 * 8),
+    "mixtral_eager": (8, {("glu", -1)}, 2 * 4 * 8),
+    "qwen2_moe": (10, {("glu", -1)}, 2 * (4 * 8 + 12)),
+    "clip": (2, {("elementwise", -1)}, 32 + 24),
+    "whisper": (2, {("elementwise", -1)}, 32 + 24),
+    "bloom": (2, {("elementwise", -1)}, 2 * 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRACED))
+def test_traced_layouts_gate_every_ffn_unit_correctly(case, tmp_path):
+    """Default call; site count, kind and axis; bit-exact at gate 0; every FFN affine at gate 1 (independent
+    check on the model's own modules); save/load round trip."""
+    model, inputs = _tiny(case)
+    with torch.no_grad():
+        before = run(model, inputs)
+    hl.patch_model(model)
+    gates = dict(hl.gated_modules(model))
+    count, layouts, units = TRACED[case]
+    assert len(gates) == count, sorted(gates)
+    assert {(g.kind, g.channel_dim) for g in gates.values()} == layouts
+    assert hl.summary(model)["total"]["units"] == units
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), before)
+    blocks = _ffn_blocks(case, model)
+    hidden = torch.randn(1, 6, 16)
+    assert all(_affine_defect(f, hidden) > 1e-4 for _, f in blocks)  # nonlinear at gate 0
+    hl.set_linear(model, 1.0)
+    for prefix, f in blocks:
+        assert _affine_defect(f, hidden) < 1e-5, prefix
+    hl.set_linear(model, {name: 0.5 for name in gates}, seed=1)
+    hl.save_pretrained(model, tmp_path / "ckpt")
+    loaded = hl.from_pretrained(tmp_path / "ckpt")
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert set(saved) == set(back) and all(torch.equal(saved[k], back[k]) for k in saved)
+    with torch.no_grad():  # CLIP's logit head may round differently on the reloaded weights' memory layout
+        torch.testing.assert_close(run(loaded, inputs), run(model, inputs), rtol=1e-6, atol=1e-6)
+    assert hl.summary(loaded) == hl.summary(model)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "mixtral_eager"])
+def test_expert_gate_acts_on_its_own_tokens_only(case):
+    model, inputs = _tiny(case)
+    hl.patch_model(model)
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(6, 16)
+    index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 0]])
+    weights = torch.full((6, 2), 0.5)
+    with torch.no_grad():
+        base = experts(hidden, index, weights)
+        for expert in range(4):
+            name = f"model.layers.0.mlp.experts.act_fn.experts.{expert}"
+            hl.set_linear(model, {name: 1.0})
+            changed = (experts(hidden, index, weights) != base).any(-1)
+            assert torch.equal(changed, (index == expert).any(-1)), expert
+            dict(hl.gated_modules(model))[name].alpha.zero_()
+
+
+def test_one_activation_instance_called_at_two_places_gets_two_gates():
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 8), act, nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = model(x)
+    hl.patch_model(model, example_inputs=x)
+    assert model[1] is model[3]
+    assert [n for n, _ in hl.gated_modules(model)] == ["1.sites.0", "1.sites.1"]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    hl.set_linear(model, 1.0)
+    assert _affine_defect(model, x) < 1e-6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh_act = nn.ReLU()
+    fresh = hl.patch_model(nn.Sequential(nn.Linear(4, 8), fresh_act, nn.Linear(8, 8), fresh_act, nn.Linear(8, 3)),
+                           example_inputs=x)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    for _, gate in hl.gated_modules(model):
+        gate.alpha.data.zero_()
+    hl.unpatch(model)
+    assert type(model[1]) is nn.ReLU and model[1] is model[3]
+
+
+class _ConvTransformerFFN(nn.Module):
+    """Linear -> transpose -> activation -> 1x1 Conv1d -> transpose: the channels sit in dim 1 at the activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.conv = nn.Linear(8, 16), nn.GELU(), nn.Conv1d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.fc(x).transpose(1, 2))).transpose(1, 2)
+
+
+def test_channel_axis_comes_from_the_data_flow_through_a_transpose():
+    model = _ConvTransformerFFN()
+    x = torch.randn(1, 16, 8)  # 16 positions and 16 channels: shapes alone cannot tell the axis
+    hl.patch_model(model, example_inputs=x)
+    gate = model.act
+    assert (gate.channel_dim, gate.channels) == (1, 16)
+    other = torch.randn(2, 5, 8)  # another length works
+    with torch.no_grad():
+        before = model.conv(gate.act(model.fc(other).transpose(1, 2))).transpose(1, 2)
+        assert torch.equal(model(other), before)
+    hl.set_linear(model, 1.0)
+    assert _affine_defect(model, other) < 1e-6
+
+
+class _Multiplied(nn.Module):
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+        self.fc1, self.fc2, self.fc3, self.act = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(4, 8), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if self.value == "tanh":
+            return h * torch.tanh(self.fc2(x))
+        return h * self.fc2(x) * self.fc3(x)
+
+
+@pytest.mark.parametrize("value, message", [("tanh", "glu-other"), ("product", "fails verification")])
+def test_site_that_cannot_be_made_linear_is_refused_and_model_left_intact(value, message):
+    model = _Multiplied(value)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match=message) as error:
+        hl.patch_model(model, example_inputs=x)
+    assert "'act'" in str(error.value) and "exclude_modules" in str(error.value)
+    assert type(model.act) is nn.ReLU and not hl.patching.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_head_activations_are_not_sites_by_default():
+    config = tf.DebertaV2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                vocab_size=100, max_position_embeddings=32)
+    model = tf.DebertaV2ForMaskedLM(config).eval()
+    hl.patch_model(model)
+    names = [n for n, _ in hl.gated_modules(model)]
+    assert names == ["deberta.encoder.layer.0.intermediate.intermediate_act_fn"]
+
+
+def test_verify_false_skips_the_check():
+    model = _Multiplied("product")
+    hl.patch_model(model, example_inputs=torch.randn(3, 4), verify=False)
+    assert hl.patching.is_patched(model)
