@@ -113,32 +113,60 @@ class SiteLayout:
 
 
 def _channel_dim(graph: dataflow.ModelGraph, region: dataflow.Region) -> Optional[int]:
-    """The dim of the site input whose index a bump on one output channel of the producer reaches, and only one
-    index of it (module docstring of :mod:`hf_linearize.dataflow`); None without a producer or when no dim fits."""
-    site_in = region.site_op.reads[0]
+    """The dim of the site input that holds its units, read from the data flow; None when nothing tells.
+
+    With a producer projection: a bump on one of its output channels must reach exactly one index of that dim of
+    the site input. Else, with a consumer projection: a bump on one index of the site output along that dim must
+    reach exactly one channel of the consumer's input (its contracted dim)."""
+    site_in, site_out = region.site_op.reads[0], region.site_op.writes[0]
     x = graph.values[site_in]
     producer = next((op for op in region.producers if op.writes), None)
-    if producer is None:
-        return None
-    out = graph.values[producer.writes[0]]
-    feature = producer.feature_dim() % out.dim()
+    consumer = next((op for op in region.consumers), None)
+    recorded = lambda op, v: graph.values[op.writes[0]]  # noqa: E731 - the site's own recorded output
     candidates = {d for d in range(x.dim()) if x.shape[d] > 1}
-    reached = False
-    for c in sorted({0, out.shape[feature] // 2, out.shape[feature] - 1}):
-        def bump(t: torch.Tensor, c: int = c) -> torch.Tensor:
-            t = t.clone()
-            t.select(feature, c).add_(1.0 + t.select(feature, c).abs())
-            return t
-        env = graph.replay(region, {}, lambda op, v: v, edit={producer.writes[0]: bump})
-        diff = (env.get(site_in, x) != x) if site_in in env else None
-        if diff is None or not bool(diff.any()):
-            continue
-        reached = True
-        candidates &= {d for d in range(x.dim()) if int(diff.movedim(d, 0).flatten(1).any(1).sum()) == 1}
-    if not reached or len(candidates) != 1:
+    if producer is not None:
+        out = graph.values[producer.writes[0]]
+        feature = producer.feature_dim() % out.dim()
+        found, reached = set(candidates), False
+        for c in sorted({0, out.shape[feature] // 2, out.shape[feature] - 1}):
+            diff = _bump_reach(graph, region, producer.writes[0], feature, c, site_in, recorded)
+            if diff is not None:
+                reached = True
+                found &= {d for d in range(x.dim()) if _indices(diff, d) == 1}
+        if reached and len(found) == 1:
+            dim = found.pop()
+            return -1 if dim == x.dim() - 1 else dim
+    if consumer is not None:
+        key = next(k for k in consumer.reads if k in region.outputs)
+        contracted = consumer.feature_dim() % graph.values[key].dim()
+        found = {d for d in candidates
+                 if (diff := _bump_reach(graph, region, site_out, d, 0, key, recorded)) is not None
+                 and _indices(diff, contracted) == 1}
+        if len(found) == 1:
+            dim = found.pop()
+            return -1 if dim == x.dim() - 1 else dim
+    return None
+
+
+def _indices(diff: torch.Tensor, dim: int) -> int:
+    """How many indices along ``dim`` hold a nonzero entry of ``diff``."""
+    return int(diff.movedim(dim, 0).flatten(1).any(1).sum())
+
+
+def _bump_reach(graph: dataflow.ModelGraph, region: dataflow.Region, key: dataflow.Key, dim: int, index: int,
+                observe: dataflow.Key, site_fn) -> Optional[torch.Tensor]:
+    """Where a bump on ``index`` of ``dim`` of the value ``key`` shows in the value ``observe`` (a bool mask), or
+    None when it does not reach it."""
+    def bump(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.select(dim, index).add_(1.0 + t.select(dim, index).abs())
+        return t
+
+    env = graph.replay(region, {}, site_fn, edit={key: bump})
+    if observe not in env:
         return None
-    dim = candidates.pop()
-    return -1 if dim == x.dim() - 1 else dim
+    diff = env[observe] != graph.values[observe]
+    return diff if bool(diff.any()) else None
 
 
 def _layout(model: nn.Module, graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, str]) -> SiteLayout:
@@ -150,8 +178,8 @@ def _layout(model: nn.Module, graph: dataflow.ModelGraph, op: dataflow.Op, owner
         dim = 1 if x.dim() == 4 else -1
     experts = None
     for producer in region.producers:
-        weight = graph.weight(producer)
-        if weight is not None and weight.dim() == 3 and weight.untyped_storage().data_ptr() in owners:
+        weight = graph.weight(producer)  # a stack of expert matrices, not a convolution's kernel
+        if weight is not None and weight.dim() == 3 and producer.feature_dim() == -1 and weight.untyped_storage().data_ptr() in owners:
             experts = (owners[weight.untyped_storage().data_ptr()], int(weight.shape[0]))
     layout = ("expert-" if experts else "") + region.layout
     return SiteLayout(op.site, region.kind, layout, dim, int(x.shape[dim]), experts)

@@ -632,3 +632,16 @@ def test_verify_false_skips_the_check():
     model = _Multiplied("product")
     hl.patch_model(model, example_inputs=torch.randn(3, 4), verify=False)
     assert hl.patching.is_patched(model)
+
+
+def test_convolution_kernels_are_not_expert_stacks():
+    """wav2vec2's feature extractor: Conv1d kernels are 3-D like a stack of experts, but its GELUs stay plain
+    channels-first sites (the default probe feeds a raw waveform)."""
+    config = tf.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                               conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                               num_conv_pos_embedding_groups=2)
+    model = hl.patch_model(tf.Wav2Vec2Model(config).eval())
+    gates = dict(hl.gated_modules(model))
+    assert not any(isinstance(m, hl.ExpertGatedActivation) for m in model.modules())
+    assert gates["encoder.layers.0.feed_forward.intermediate_act_fn"].channel_dim == -1
+    assert gates["feature_extractor.conv_layers.0.activation"].channel_dim == 1
