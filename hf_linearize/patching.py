@@ -169,7 +169,7 @@ def _bump_reach(graph: dataflow.ModelGraph, region: dataflow.Region, key: datafl
     return diff if bool(diff.any()) else None
 
 
-def _layout(model: nn.Module, graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, str]) -> SiteLayout:
+def _layout(graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, str]) -> SiteLayout:
     """The :class:`SiteLayout` of one recorded site call."""
     region = graph.region(op)
     x = graph.values[op.reads[0]]
@@ -237,7 +237,7 @@ def _probe(model: nn.Module, names: list[str], example_inputs: Any
                 f"Activation {name!r} is called on a value that does not depend on the model's input, so its units "
                 f"are not FFN units; exclude it with exclude_modules=[{name!r}]."
             )
-        layouts[name] = [[_layout(model, graph, calls[i], owners) for i in group] for group in groups[name] if group]
+        layouts[name] = [[_layout(graph, calls[i], owners) for i in group] for group in groups[name] if group]
     return graph, layouts, inputs
 
 
