@@ -132,6 +132,7 @@ class ModelGraph:
         """Every recorded data value by key, as it was when written (in-place updates are new keys)."""
         self.writer: dict[Key, Op] = {}
         self.readers: dict[Key, list[Op]] = {}
+        self._regions: dict[int, Region] = {}
         for op in ops:
             for key in op.reads:
                 if key is not None:
@@ -150,7 +151,8 @@ class ModelGraph:
             if not isinstance(leaf, torch.Tensor):
                 continue
             if key is None:
-                weights.append(leaf) if leaf.dim() >= 2 else None
+                if leaf.dim() >= 2:
+                    weights.append(leaf)
                 continue
             writer = self.writer.get(key)
             stack = writer.leaves[0] if writer is not None and _name(writer.func) in _INDEXING else None
@@ -187,18 +189,22 @@ class ModelGraph:
             if kind in ("structural", "projection"):
                 ops[op.index] = op
                 if kind == "projection":
-                    producers.append(op) if op not in producers else None
-                    inputs.extend(k for k in op.reads if k is not None and k not in inputs)
+                    _add(producers, [op])
+                    _add(inputs, [k for k in op.reads if k is not None])
                 else:
                     stack.extend(k for k in op.reads if k is not None)
                 continue
             if kind == "other":
                 bounds.append(op.name)
-            if key not in inputs:
-                inputs.append(key)
+            _add(inputs, [key])
 
     def region(self, site_op: Op) -> Region:
-        """The FFN region of one site call (module docstring)."""
+        """The FFN region of one site call (module docstring); computed once per call."""
+        if site_op.index not in self._regions:
+            self._regions[site_op.index] = self._region(site_op)
+        return self._regions[site_op.index]
+
+    def _region(self, site_op: Op) -> Region:
         ops: dict[int, Op] = {site_op.index: site_op}
         inputs: list[Key] = []
         producers: list[Op] = []
@@ -213,31 +219,28 @@ class ModelGraph:
         while stack:
             key = stack.pop()
             readers = self.readers.get(key, [])
-            if not readers and key not in outputs:
-                outputs.append(key)
+            if not readers:
+                _add(outputs, [key])
             for op in readers:
                 kind = self.kind(op)
-                if kind == "projection":
-                    consumers.append(op) if op not in consumers else None
-                    outputs.append(key) if key not in outputs else None
-                    continue
-                if kind != "structural":
-                    outputs.append(key) if key not in outputs else None
+                others = [k for k in op.reads if k is not None and k not in inside]
+                product = kind == "structural" and _name(op.func) in _PRODUCTS and bool(others)
+                # a broadcast data-dependent scale (squeeze-excite, attention weights) bounds the FFN, as does any
+                # op that is not structural; a projection is a consumer
+                if kind != "structural" or (
+                        product and self.values[others[0]].shape != self.values[op.writes[0]].shape):
+                    _add(outputs, [key])
+                    if kind == "projection":
+                        _add(consumers, [op])
                     continue
                 if op.index in ops:
-                    continue
-                others = [k for k in op.reads if k is not None and k not in inside]
-                product = _name(op.func) in _PRODUCTS and bool(others)
-                if product and self.values[others[0]].shape != self.values[op.writes[0]].shape:
-                    # a broadcast data-dependent scale (squeeze-excite, attention weights) bounds the FFN
-                    outputs.append(key) if key not in outputs else None
                     continue
                 ops[op.index] = op
                 if product and multiplier is None:
                     multiplier = others[0]
                     self._walk_back(multiplier, ops, inputs, v_producers, bounds)
                 else:
-                    inputs.extend(k for k in others if k not in inputs)
+                    _add(inputs, others)
                 inside.update(op.writes)
                 stack.extend(op.writes)
         layout = "elementwise"
@@ -321,6 +324,11 @@ class _Recorder(TorchFunctionMode):
         for key, value in zip(op.writes, outputs):
             self.values[key] = value
         self.ops.append(op)
+
+
+def _add(items: list, new: Iterable) -> None:
+    """Append each of ``new`` that ``items`` does not hold yet (an ordered set)."""
+    items.extend(item for item in new if item not in items)
 
 
 def _in_place(func: Any) -> bool:

@@ -8,7 +8,6 @@ called at several places, and swaps the gates in. ``unpatch`` puts the original 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -18,8 +17,16 @@ import torch
 from torch import nn
 
 from .config import LinearizeConfig, Pattern
-from .families import ACTIVATION_TYPES, NOT_GATED_BY_DEFAULT, FamilySpec, behaves_like_activation, find_family, in_head, is_activation_like
 from . import dataflow
+from .families import (
+    ACTIVATION_TYPES,
+    NOT_GATED_BY_DEFAULT,
+    FamilySpec,
+    behaves_like_activation,
+    find_family,
+    in_head,
+    is_activation_like,
+)
 from .gates import ExpertGatedActivation, GatedActivation, GateKind, SharedGatedActivation
 from .probe_inputs import _call, _model_name, _shapes, default_example_inputs, input_spec
 
@@ -88,7 +95,6 @@ def _select_sites(model: nn.Module, config: LinearizeConfig, family: FamilySpec)
 
 
 # --------------------------------------------------------------------------------------------- probing
-# --------------------------------------------------------------------------------------------- probing
 @dataclass
 class SiteLayout:
     """What the probe's data flow says about one call of an activation module (see :mod:`hf_linearize.dataflow`).
@@ -134,8 +140,7 @@ def _channel_dim(graph: dataflow.ModelGraph, region: dataflow.Region) -> Optiona
                 reached = True
                 found &= {d for d in range(x.dim()) if _indices(diff, d) == 1}
         if reached and len(found) == 1:
-            dim = found.pop()
-            return -1 if dim == x.dim() - 1 else dim
+            return _as_channel_dim(found.pop(), x.dim())
     if consumer is not None:
         key = next(k for k in consumer.reads if k in region.outputs)
         contracted = consumer.feature_dim() % graph.values[key].dim()
@@ -143,9 +148,13 @@ def _channel_dim(graph: dataflow.ModelGraph, region: dataflow.Region) -> Optiona
                  if (diff := _bump_reach(graph, region, site_out, d, 0, key, recorded)) is not None
                  and _indices(diff, contracted) == 1}
         if len(found) == 1:
-            dim = found.pop()
-            return -1 if dim == x.dim() - 1 else dim
+            return _as_channel_dim(found.pop(), x.dim())
     return None
+
+
+def _as_channel_dim(dim: int, ndim: int) -> int:
+    """A gate's ``channel_dim``: -1 for the last dim, else the dim counted from 0."""
+    return -1 if dim == ndim - 1 else dim
 
 
 def _indices(diff: torch.Tensor, dim: int) -> int:
@@ -178,8 +187,9 @@ def _layout(graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, st
         dim = 1 if x.dim() == 4 else -1
     experts = None
     for producer in region.producers:
-        weight = graph.weight(producer)  # a stack of expert matrices, not a convolution's kernel
-        if weight is not None and weight.dim() == 3 and producer.feature_dim() == -1 and weight.untyped_storage().data_ptr() in owners:
+        weight = graph.weight(producer)
+        stacked = weight is not None and weight.dim() == 3 and producer.feature_dim() == -1  # not a conv kernel
+        if stacked and weight.untyped_storage().data_ptr() in owners:
             experts = (owners[weight.untyped_storage().data_ptr()], int(weight.shape[0]))
     layout = ("expert-" if experts else "") + region.layout
     return SiteLayout(op.site, region.kind, layout, dim, int(x.shape[dim]), experts)
@@ -188,7 +198,8 @@ def _layout(graph: dataflow.ModelGraph, op: dataflow.Op, owners: Mapping[int, st
 def _probe(model: nn.Module, names: list[str], example_inputs: Any
            ) -> tuple[dataflow.ModelGraph, dict[str, list[list[SiteLayout]]], Any]:
     """Run the probe once and record its data flow. Returns the record, per site the layouts of its calls grouped
-    by call of the site's scope (the common parent of every name it has; see :func:`_scope`), and the inputs."""
+    by call of the site's scope (the common parent of every name it has; see :func:`_scope_name`), and the
+    inputs."""
     inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
     modules = {name: model.get_submodule(name) for name in names}
     groups: dict[str, list[list[int]]] = {name: [] for name in names}
@@ -206,9 +217,10 @@ def _probe(model: nn.Module, names: list[str], example_inputs: Any
 
     try:
         for name in names:
-            scope = _scope(model, name)
-            if scope is not model:
-                handles.append(scope.register_forward_pre_hook(functools.partial(new_scope_call, name)))
+            scope = _scope_name(model, name)
+            if scope:
+                handles.append(model.get_submodule(scope).register_forward_pre_hook(
+                    functools.partial(new_scope_call, name)))
             handles.append(modules[name].register_forward_pre_hook(functools.partial(record_call, name)))
         was_training = model.training
         model.eval()
@@ -246,16 +258,16 @@ def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
 
 
-def _scope(model: nn.Module, name: str) -> nn.Module:
-    """The module whose every forward call restarts the count of ``name``'s calls: the deepest common parent of
-    all the names of that activation instance."""
+def _scope_name(model: nn.Module, name: str) -> str:
+    """The module whose every forward call restarts the count of ``name``'s calls ("" for the model): the deepest
+    common parent of all the names of that activation instance."""
     parents = [alias.split(".")[:-1] for alias in _aliases(model, model.get_submodule(name))]
     common = []
     for parts in zip(*parents):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    return model.get_submodule(".".join(common)) if common else model
+    return ".".join(common)
 
 
 class _ResetSharedCalls:
@@ -371,13 +383,13 @@ def verify_patch(model: nn.Module, graph: dataflow.ModelGraph, inputs: Any) -> N
 
 
 def _verify_sites(model: nn.Module, graph: dataflow.ModelGraph, inputs: Any) -> None:
+    """:func:`verify_patch`'s checks, run without gradients with every gate at 0."""
     captured: dict[str, tuple] = {}
     handles = [experts.register_forward_pre_hook(
         lambda m, a, k, n=name: captured.setdefault(n, (a, k)), with_kwargs=True)
         for name, experts in _experts_modules(model).items()]
     try:
-        with torch.no_grad():
-            output = _call(model, inputs)
+        output = _call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -401,12 +413,11 @@ def _verify_sites(model: nn.Module, graph: dataflow.ModelGraph, inputs: Any) -> 
                 env = graph.replay(region, dict(zip(data, values)), lambda call, x: gate(x))
                 return [env.get(k, graph.values[k]) for k in region.outputs]
 
-            with torch.no_grad():
-                gate.alpha.fill_(1.0)
-                try:
-                    defect, tolerance = dataflow.affine_defect(run, [graph.values[k] for k in data])
-                finally:
-                    gate.alpha.zero_()
+            gate.alpha.fill_(1.0)
+            try:
+                defect, tolerance = dataflow.affine_defect(run, [graph.values[k] for k in data])
+            finally:
+                gate.alpha.zero_()
             if not defect <= tolerance:
                 raise ValueError(
                     f"Site {name!r} (call {op.call}, layout {_layout_of(gate, region)}) fails verification: with its "
@@ -426,11 +437,11 @@ def _experts_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _verify_experts(name: str, site: ExpertGatedActivation, model: nn.Module, captured: dict[str, tuple]) -> None:
-    owner = next((n for n in captured if name.startswith(n + ".") or not n), None)
+    owner = next((n for n in captured if name.startswith(n + ".")), None)
     if owner is None:
         raise ValueError(f"Expert site {name!r}: its experts module did not run in the probe; exclude it with "
                          f"exclude_modules=[{name!r}].")
-    experts = model.get_submodule(owner) if owner else model
+    experts = model.get_submodule(owner)
     args, kwargs = captured[owner]
     hidden, rest = args[0], args[1:]
     index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
@@ -438,32 +449,30 @@ def _verify_experts(name: str, site: ExpertGatedActivation, model: nn.Module, ca
     def run(values: list[torch.Tensor]) -> list[torch.Tensor]:
         return [experts(values[0], *rest, **kwargs)]
 
-    with torch.no_grad():
-        base = run([hidden])[0]
-        try:
-            for gate in site.experts:
-                gate.alpha.fill_(1.0)
-            defect, tolerance = dataflow.affine_defect(run, [hidden])
-            if not defect <= tolerance:
+    base = run([hidden])[0]
+    try:
+        for gate in site.experts:
+            gate.alpha.fill_(1.0)
+        defect, tolerance = dataflow.affine_defect(run, [hidden])
+        if not defect <= tolerance:
+            raise ValueError(
+                f"Expert site {name!r} (layout expert-{site.experts[0].kind}) fails verification: with its gates at 1 "
+                f"the experts module is not affine in its input (defect {defect:.3g} > tolerance {tolerance:.3g}). "
+                f"Exclude it with exclude_modules=[{name!r}].")
+        for gate in site.experts:
+            gate.alpha.zero_()
+        for expert, gate in enumerate(site.experts):
+            gate.alpha.fill_(1.0)
+            changed = (run([hidden])[0] != base).flatten(1).any(1)
+            gate.alpha.zero_()
+            if bool((changed & ~(index == expert).any(-1)).any()):
                 raise ValueError(
-                    f"Expert site {name!r} (layout expert-{'glu' if site.experts[0].kind == 'glu' else 'elementwise'})"
-                    f" fails verification: with its gates at 1 the experts module is not affine in its input (defect "
-                    f"{defect:.3g} > tolerance {tolerance:.3g}). Exclude it with exclude_modules=[{name!r}].")
-            for gate in site.experts:
-                gate.alpha.zero_()
-            for expert, gate in enumerate(site.experts):
-                gate.alpha.fill_(1.0)
-                changed = (run([hidden])[0] != base).flatten(1).any(1)
-                gate.alpha.zero_()
-                routed = (index == expert).any(-1)
-                if bool((changed & ~routed).any()):
-                    raise ValueError(
-                        f"Expert site {name!r}: the gates of expert {expert} changed tokens not routed to it; the "
-                        "experts module orders its rows in a way the gate does not know. Exclude it with "
-                        f"exclude_modules=[{name!r}] or set config._experts_implementation to 'eager'.")
-        finally:
-            for gate in site.experts:
-                gate.alpha.zero_()
+                    f"Expert site {name!r}: the gates of expert {expert} changed tokens not routed to it; the "
+                    "experts module orders its rows in a way the gate does not know. Exclude it with "
+                    f"exclude_modules=[{name!r}] or set config._experts_implementation to 'eager'.")
+    finally:
+        for gate in site.experts:
+            gate.alpha.zero_()
 
 
 def _differ(a: SiteLayout, b: SiteLayout) -> bool:
@@ -491,9 +500,10 @@ def _gate_site(model: nn.Module, name: str, site_calls: list[SiteLayout], config
         state.inplace[name] = True
         act.inplace = False
     first = site_calls[0]
+    scope = _scope_name(model, name)
     if first.experts is not None:
         experts_name, count = first.experts
-        experts = model.get_submodule(experts_name) if experts_name else model
+        experts = model.get_submodule(experts_name)
         gate: nn.Module = ExpertGatedActivation([
             GatedActivation(act, first.channels, first.channel_dim, first.kind, config.gate_init) for _ in range(count)
         ])
@@ -507,9 +517,7 @@ def _gate_site(model: nn.Module, name: str, site_calls: list[SiteLayout], config
         parent, attr = _parent(model, alias)
         setattr(parent, attr, gate)
     if isinstance(gate, SharedGatedActivation):
-        scope_name = ".".join(os.path.commonprefix([a.split(".")[:-1] for a in aliases]))
-        scope = model.get_submodule(scope_name) if scope_name else model
-        scope.register_forward_pre_hook(_ResetSharedCalls(_relative(scope_name, aliases[0])))
+        model.get_submodule(scope).register_forward_pre_hook(_ResetSharedCalls(_relative(scope, aliases[0])))
 
 
 def _relative(owner: str, name: str) -> str:
@@ -587,10 +595,11 @@ def unpatch(model: nn.Module) -> nn.Module:
             " so removing the gates would change the model. Zero them first (e.g. `for _, g in "
             "gated_modules(model): g.alpha.data.zero_()`) or keep the patched model."
         )
-    wrappers = [(name, module) for name, module in model.named_modules()
-                if isinstance(module, (SharedGatedActivation, ExpertGatedActivation))
-                or (isinstance(module, GatedActivation) and not name.rpartition(".")[0].endswith((".sites", ".experts"))
-                    and name.rpartition(".")[0] not in ("sites", "experts"))]
+    wrappers: list[tuple[str, nn.Module]] = []  # outermost gate modules: a shared/expert container, or a gate
+    for name, module in model.named_modules():
+        inside = wrappers and name.startswith(wrappers[-1][0] + ".")
+        if isinstance(module, (GatedActivation, SharedGatedActivation, ExpertGatedActivation)) and not inside:
+            wrappers.append((name, module))
     for name, module in wrappers:
         act = module.act
         if state.inplace.get(name):
