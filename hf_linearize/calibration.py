@@ -18,8 +18,9 @@ pruned with its mean kept as a bias (FLAP-style structured pruning).
 Scores (``score=``), each the predicted squared output error of linearizing one unit:
 
 * ``"residual"`` (the baseline): ``E[(z - p x - q)^2] * ||W_out[:, c]||^2``, the residual of the fit times the
-  squared norm of the unit's column in the projection that reads it (found through the family's fold rules;
-  units whose reader is unknown, such as CNN activations, weigh 1).
+  squared norm of the unit's column in the projection that reads it (found in the traced data flow, as ``fold``
+  finds it: :func:`~hf_linearize.folding.reader_projections`; units whose reader is unknown, such as CNN
+  activations, weigh 1).
 * ``"sensitivity"`` (needs ``calibrate(..., sensitivity=True)``): first order in the error of the *model output*.
   Calibration also back-propagates a random Gaussian projection ``r . y`` of the main output ``y`` (logits or last
   hidden state) and records ``w = g^2`` per unit and position, ``g`` being the gradient at the unit's output, so
@@ -49,10 +50,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core_map import average_path_length
-from .folding import main_output, reader_projection
+from .folding import reader_projections
 from .gates import GatedActivation
 from .patching import gated_modules, is_patched, linear_units, patch_state
-from .probe_inputs import _call
+from .probe_inputs import _call, main_output
 from .sparsity import linear_quota
 
 Target = Literal["affine", "identity"]
@@ -305,9 +306,8 @@ class OneShotReport(dict):
                 f"predicted error {self['predicted_error']:.4g}")
 
 
-def _reader_column_norms(model: nn.Module, name: str, gate: GatedActivation) -> torch.Tensor:
-    """``||W_out[:, c]||^2`` of the projection that reads the site (via the family's fold rules), else ones."""
-    reader = reader_projection(model, name, gate)
+def _reader_column_norms(reader: Optional[nn.Module], gate: GatedActivation) -> torch.Tensor:
+    """``||W_out[:, c]||^2`` of the projection that reads the site (``reader``), else ones."""
     if reader is None:
         return torch.ones(gate.channels, dtype=torch.float64)
     weight = reader.weight.detach().to(torch.float64)
@@ -327,6 +327,7 @@ def _fit_units(model: nn.Module, stats: CalibrationStats, target: Target, score:
     stats.check_model(model)
     gates = dict(gated_modules(model))
     already = linear_units(model)
+    readers = reader_projections(model) if score == "residual" else {}
     fits = {}
     for name, gate in gates.items():
         if score == "sensitivity":
@@ -335,7 +336,7 @@ def _fit_units(model: nn.Module, stats: CalibrationStats, target: Target, score:
             unit_scores = residual * moments.weight
         else:
             p, q, residual = stats.sites[name].fit(target, gate.kind == "glu")
-            unit_scores = residual * _reader_column_norms(model, name, gate)
+            unit_scores = residual * _reader_column_norms(readers[name], gate)
         fits[name] = (p, q, torch.where(already[name].cpu(), torch.full_like(unit_scores, math.inf), unit_scores))
     return gates, fits
 
@@ -485,7 +486,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable[Any], 
     ``reference`` model's output at the same place, by ridge-regularised least squares over the calibration
     positions (real tokens only, by the attention mask or labels, where one fits). Later sites see the already
     re-fitted earlier ones, so they also absorb the error that reaches them from upstream. Sites before the first
-    linear unit, and sites whose reader is unknown (no fold rule, e.g. CNNs), are left alone.
+    linear unit, and sites whose reader the trace does not find (e.g. CNNs), are left alone.
 
     Args:
         reference: the model before linearization (e.g. ``copy.deepcopy(model)`` taken before
@@ -502,6 +503,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable[Any], 
     device = next(model.parameters()).device
     batches = [_to_device(batch, device) for batch in batches]
     linear = linear_units(model)
+    readers = reader_projections(model)
     started, report = False, {}
     was_training = (model.training, reference.training)
     model.eval()
@@ -509,7 +511,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, batches: Iterable[Any], 
     try:
         for name, gate in tqdm(list(gated_modules(model)), desc="reconstruct", disable=not progress):
             started = started or bool(linear[name].any())
-            reader = reader_projection(model, name, gate)
+            reader = readers[name]
             if not started or reader is None:
                 continue
             reader_name = next(n for n, m in model.named_modules() if m is reader)

@@ -1,7 +1,8 @@
 """Measure a patched model: its path graph, its average path length (APL) and its core-network map.
 
 APL is the expected number of nonlinear units met on a path from the model's input to its output
-(:mod:`hf_linearize.path_length`); each family's graph is described in :mod:`hf_linearize.graphs`.
+(:mod:`hf_linearize.path_length`); the graph is read from a recorded forward pass of the model
+(:mod:`hf_linearize.traced_graph`).
 The *core-network map* lists, for every gated layer, its units, how many are still nonlinear, and what
 the layer adds to each APL form. :func:`path_length_report` returns it as a JSON-serialisable dict,
 :func:`save_report_json` writes it and :func:`plot_core_map` draws it as a PNG heatmap.
@@ -10,6 +11,7 @@ the layer adds to each APL form. :func:`path_length_report` returns it as a JSON
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -18,12 +20,13 @@ from typing import Any, Union
 import numpy as np
 from torch import nn
 
-from .families import FAMILIES, find_family
-from .graphs import Sites
-from .patching import summary
+from .families import find_family
+from .patching import patch_state, summary
 from .path_length import PathGraph, apl, node_contributions
+from .traced_graph import Sites, TracedStructure, probe_inputs, trace_structure
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 
 def unit_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -40,30 +43,32 @@ def _check_cost(ungated_cost: float) -> float:
     return float(ungated_cost)
 
 
+def traced_structure(model: nn.Module) -> TracedStructure:
+    """The path-graph structure of a patched model, traced on its probe input the first time it is asked for and
+    kept on the model's patch state (it does not depend on the gate values). Gated sites on no input-to-output path
+    are logged once as a warning: they add nothing to the path length."""
+    state = patch_state(model)
+    if state.path_structure is None:
+        state.path_structure = trace_structure(model, probe_inputs(model, state.probe))
+        off = state.path_structure.off_path(unit_counts(model))
+        if off:
+            logger.warning(f"Gated site(s) {off[:5]} lie on no path from the model's main input to its main output "
+                           "in its forward pass (an auxiliary head, or values the model drops): they add 0 to the "
+                           "path length.")
+    return state.path_structure
+
+
 def _graph(model: nn.Module, sites: Sites, ungated_cost: float) -> PathGraph:
-    spec = find_family(model)
-    try:
-        graph = spec.graph(model, sites, _check_cost(ungated_cost))
-    except NotImplementedError as err:
-        supported = ", ".join(f.name for f in FAMILIES)
-        raise NotImplementedError(f"{err}; supported families: {supported} (generic: plain MLPs).") from None
-    placed = set(graph.names)
-    missing = [name for name in sites if name not in placed]
-    if missing:
-        raise NotImplementedError(
-            f"Gated site(s) {missing[:5]} have no place in the {spec.name!r} path graph, which holds the family's "
-            "FFN/MLP activations only; patch with the default target_modules to measure path length."
-        )
-    return graph
+    return traced_structure(model).graph(sites, _check_cost(ungated_cost))
 
 
 def model_graph(model: nn.Module, ungated_cost: float = 0.0) -> PathGraph:
     """The path graph of a patched model, with its current nonlinear unit counts.
 
     ``ungated_cost`` (>= 0) is the constant each ungated nonlinearity (softmax, LayerNorm, ...) adds.
-    Raises ``NotImplementedError`` for a layout the family's builder cannot read (any model outside the
-    families but a plain MLP) or a gated site outside the family's graph; ``ValueError`` for an unpatched
-    model.
+    The graph is traced from one forward pass on the model's probe input (:mod:`hf_linearize.traced_graph`).
+    Raises ``ValueError`` for an unpatched model or a bad cost. Gated sites on no path from the main input to the
+    main output are not in the graph (they add 0).
     """
     return _graph(model, unit_counts(model), ungated_cost)
 
@@ -78,7 +83,10 @@ def average_path_length(model: nn.Module, normalized: bool = True, ungated_cost:
 
 def _stack(name: str) -> str:
     parts = name.split(".")
-    return "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else "blocks"
+    tower = next((part for part in parts if part.startswith(("text", "vision"))), None)  # dual encoders
+    if tower is not None:
+        return "text" if tower.startswith("text") else "vision"
+    return next((stack for stack in ("encoder", "decoder") if stack in parts), "blocks")
 
 
 def path_length_report(model: nn.Module, ungated_cost: float = 0.0) -> dict[str, Any]:
@@ -86,26 +94,31 @@ def path_length_report(model: nn.Module, ungated_cost: float = 0.0) -> dict[str,
 
     Keys: ``family``, ``ungated_cost``, ``normalized_apl``, ``unnormalized_apl``, ``depth`` (both forms of
     the APL with every gated unit nonlinear, i.e. of the freshly patched model), ``ungated_contribution``
-    (both forms' share of the ungated costs), and ``layers``: per gated site ``stack`` (``"encoder"``,
-    ``"decoder"`` or ``"blocks"``), ``units``, ``nonlinear``, ``nonlinear_fraction``,
-    ``contribution_normalized`` and ``contribution_unnormalized``. Per form, the layer contributions plus
-    the ungated contribution sum to the APL.
+    (both forms' share of the ungated costs), and ``layers``: per gated site (each expert of a fused MoE layer is
+    one, ``…experts.<e>``) ``stack`` (``"encoder"``, ``"decoder"``, ``"text"``, ``"vision"`` or ``"blocks"``),
+    ``units``, ``nonlinear``, ``nonlinear_fraction``, ``calls`` (the site's nodes in the graph: more than 1 for a
+    module whose weights are reused at several depths, as ALBERT's layer; 0 for a site on no input-to-output path,
+    which contributes 0), ``contribution_normalized`` and
+    ``contribution_unnormalized``. Per form, the layer contributions plus the ungated contribution sum to the APL.
     """
     sites = unit_counts(model)
-    graph = _graph(model, sites, ungated_cost)
+    structure = traced_structure(model)
+    graph = structure.graph(sites, _check_cost(ungated_cost))
     contributions = {form: node_contributions(graph, form) for form in (True, False)}
     totals = {form: math.fsum(c.values()) for form, c in contributions.items()}
-    ids = {name: node for node, name in enumerate(graph.names)}
+    nodes = {name: [] for name in sites} | structure.site_nodes()
     for name, (units, _) in sites.items():
-        graph.set_nonlinear(ids[name], units)
+        for node in nodes[name]:
+            graph.set_nonlinear(node, units)
     layers = {
         name: {
             "stack": _stack(name),
             "units": units,
             "nonlinear": nonlinear,
             "nonlinear_fraction": nonlinear / units,
-            "contribution_normalized": contributions[True][name],
-            "contribution_unnormalized": contributions[False][name],
+            "calls": len(nodes[name]),
+            "contribution_normalized": math.fsum(contributions[True][graph.names[n]] for n in nodes[name]),
+            "contribution_unnormalized": math.fsum(contributions[False][graph.names[n]] for n in nodes[name]),
         }
         for name, (units, nonlinear) in sites.items()
     }

@@ -84,6 +84,8 @@ class Op:
     """For a site call: the how-manieth call of that module in the pass."""
     mutated: tuple[int, ...] = ()
     """Positions in ``leaves`` of the tensors the op modified in place (written after its outputs)."""
+    module: str = ""
+    """Name of the innermost module of the recorded model running when the op was called ("" for the model)."""
 
     @property
     def name(self) -> str:
@@ -294,6 +296,8 @@ class _Recorder(TorchFunctionMode):
         self.ops: list[Op] = []
         self.values: dict[Key, torch.Tensor] = {_key(t): t for t in data}
         self.paused = 0
+        self.modules: list[str] = [""]
+        """The names of the modules running now, outermost first."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -307,7 +311,9 @@ class _Recorder(TorchFunctionMode):
         before = {i: leaf.clone() for i, (leaf, key) in enumerate(zip(leaves, reads)) if key is not None} if (
             _in_place(func)) else {}
         out = func(*args, **kwargs)
-        outputs = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        # an output that is an input itself, unchanged (eval-mode dropout returns its input) is no new value
+        outputs = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)
+                   and not (_key(leaf) in reads and leaf._version == versions[reads.index(_key(leaf))])]
         mutated = tuple(i for i, (leaf, v) in enumerate(zip(leaves, versions))
                         if isinstance(leaf, torch.Tensor) and leaf._version != v)
         if any(r is not None for r in reads) and (outputs or mutated):
@@ -321,6 +327,7 @@ class _Recorder(TorchFunctionMode):
     def add(self, op: Op, outputs: list[torch.Tensor]) -> None:
         op.writes = [_key(t) for t in outputs]
         op.outputs = outputs
+        op.module = self.modules[-1]
         for key, value in zip(op.writes, outputs):
             self.values[key] = value
         self.ops.append(op)
@@ -363,10 +370,22 @@ def record(model: nn.Module, run: Callable[[], Any], inputs: Any, sites: Mapping
         recorder.add(Op(len(recorder.ops), module, [x], pytree.tree_flatten(((x,), {}))[1], [_key(x)], [], [],
                         site=name, call=calls[name] - 1), [output])
 
+    names = {module: name for name, module in model.named_modules()}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        if module in names:
+            recorder.modules.append(names[module])
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if module in names and len(recorder.modules) > 1:
+            recorder.modules.pop()
+
     inplace = [module for module in sites.values() if getattr(module, "inplace", False) is True]
     try:
         for module in inplace:  # an in-place activation would overwrite its input's value
             module.inplace = False
+        handles.append(nn.modules.module.register_module_forward_pre_hook(enter))
+        handles.append(nn.modules.module.register_module_forward_hook(leave))
         for name, module in sites.items():
             handles.append(module.register_forward_pre_hook(lambda m, a, n=name: before(n, m, a)))
             handles.append(module.register_forward_hook(lambda m, a, o, n=name: after(n, m, a, o)))

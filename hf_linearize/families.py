@@ -1,26 +1,25 @@
-"""Model families: where each family keeps its activation sites, what its path graph is and how its linear
-units fold away, in one table.
+"""Model families: where each family keeps its activation sites, in one table.
 
-A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites,
-how to build its path graph (the builders and the graph of each family are in :mod:`hf_linearize.graphs`), and
-which projection feeds each site and which reads it (:class:`FoldRule`, used by :mod:`hf_linearize.folding`).
+A :class:`FamilySpec` answers, for one layout of model, which modules are its FFN/MLP activation sites.
+Folding needs no table: :mod:`hf_linearize.folding` finds each site's projections in the traced data flow.
+The path graph of every model is traced from its own forward pass (:mod:`hf_linearize.traced_graph`), not kept
+here.
 Families that share a layout share a spec (Marian, BART, mBART, M2M100/NLLB, Pegasus, Blenderbot, PLBart
 and FSMT all use ``fc1 -> activation_fn -> fc2``). A model that matches no spec falls back to
-:data:`GENERIC`, which gates activation modules by type and has a path graph for plain MLP stacks only.
+:data:`GENERIC`, which gates activation modules by type and behaviour.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import timm.layers
 import torch
 import transformers.activations as hf_act
 from torch import nn
 
-from . import graphs
 from .gates import GateKind
 
 Selector = Union[str, list[str], None]
@@ -74,6 +73,17 @@ def is_activation_like(module: nn.Module) -> bool:
     return not list(module.children()) and bool(_ACTIVATION_NAME.search(type(module).__name__))
 
 
+_NORM_NAME = re.compile(r"(Layer|Rms|RMS)Norm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm/RMSNorm/GroupNorm-like modules: ungated nonlinearities. torch's norm types, or a leaf module whose
+    class name says so (``LlamaRMSNorm``, ``LayerNorm2d``); a container that only has the word in its name
+    (wav2vec2's ``Wav2Vec2EncoderStableLayerNorm``) is not one. BatchNorm is linear at inference and is not one."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or (
+        next(module.children(), None) is None and bool(_NORM_NAME.search(type(module).__name__)))
+
+
 HEAD_MODULES: tuple[str, ...] = (
     "cls", "lm_head", "lm_predictions", "pooler", "classifier", "pre_classifier", "score", "qa_outputs", "head",
     "heads", "pre_logits",
@@ -114,57 +124,31 @@ def behaves_like_activation(module: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class FoldRule:
-    """Which projections feed a gated FFN site and which reads it; :func:`hf_linearize.fold` uses the first rule
-    of the family that fits a site. Paths are dotted, relative to the FFN's *owner*: the module whose name is the
-    site's name minus ``site``.
-
-    Attributes:
-        site: path of the activation (e.g. ``"activation_fn"``, ``"intermediate.intermediate_act_fn"``).
-        fc_in: the ``nn.Linear`` (or 1x1 ``nn.Conv2d``) feeding the site; for a GLU site its gate projection ``u``.
-        fc_out: the projection reading the FFN's hidden layer.
-        glu: the site is the gate of a gated FFN ``fc_out(act(u) * v)``. The owner must be exactly that FFN (it is
-            replaced as a whole). A plain site is ``fc_out(act(fc_in(x)))``, called by the owner as three separate
-            modules (they are replaced one by one, so the owner keeps its own forward).
-        fc_value: GLU only: the value projection ``v``; None when ``fc_in`` packs ``[u, v]`` halves.
-        gate_half: GLU with packed ``fc_in`` only: owner -> which half (0 or 1) of ``fc_in``'s output is ``u``.
-        identity: paths that must be ``nn.Identity`` for the rule to hold (e.g. an optional norm inside timm MLPs).
-    """
-
-    site: str
-    fc_in: str
-    fc_out: str
-    glu: bool = False
-    fc_value: Optional[str] = None
-    gate_half: Optional[Callable[[nn.Module], int]] = None
-    identity: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class FamilySpec:
     """One model layout.
 
     Attributes:
         name: the family's name, recorded in checkpoints.
         matches: predicate on the (unpatched) model.
-        graph: builds the path graph of a patched model of this layout (see :mod:`hf_linearize.graphs`);
-            raises ``NotImplementedError`` for a model of the family whose layout it cannot read.
+        models: the models of the family, in words (README table).
+        sites: where its FFN activation sites are, in words (README table).
+        layouts: the site layouts (:class:`~hf_linearize.patching.SiteLayout`: ``elementwise``, ``glu``,
+            ``packed-glu``, ``expert-packed-glu``) its models have; the tests patch a model of each and check that the
+            layouts found are exactly these, so the README's table says which layouts are verified.
         target_modules: default selector of the activation sites (regex, full match on the module name),
             or None to gate every activation module by type.
         mean_task_loss: the model's ``forward`` returns a plain mean loss and ignores ``num_items_in_batch``
             although it takes ``**kwargs`` (transformers 5 would then mis-scale it under gradient accumulation
             and DDP; `LinearizeTrainer` tells the Trainer so).
-        fold_rules: how its FFN sites fold (:class:`FoldRule`, first fit wins); a site no rule fits stays gated.
-        fold_note: why sites stay gated when folded, for families without (complete) fold rules.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
-    graph: graphs.GraphBuilder
+    models: str
+    sites: str
+    layouts: tuple[str, ...] = ("elementwise",)
     target_modules: Selector = None
     mean_task_loss: bool = False
-    fold_rules: tuple[FoldRule, ...] = ()
-    fold_note: str = "no fold rule fits this site"
 
 
 def _hf_model_type(*model_types: str) -> Callable[[nn.Module], bool]:
@@ -186,91 +170,93 @@ def _library_class(library: str, *class_names: str) -> Callable[[nn.Module], boo
     return match
 
 
-# Why CNN sites stay gated. A linear activation layer between two convolutions (BatchNorm folded in) could merge
-# them, but in the supported CNNs no merge pays off or is exact: k x k o k x k grows the kernel (3x3 o 3x3 -> 5x5,
-# 25 vs 18 MACs per channel pair in ResNet BasicBlocks); 1x1 o k x k into a ResNet bottleneck's thin 3x3 costs
-# 9*4c*c = 36c^2 against 4c^2 + 9c^2 (and a k x k after a biased 1x1 is inexact at zero-padded borders); in
-# EfficientNet/MobileNet the neighbour is a depthwise conv (a merge makes it dense) or the squeeze-excite product.
-_CNN_FOLD_NOTE = "CNN activations stay gated: no conv merge pays off in ResNet/EfficientNet/MobileNet blocks"
-
 SEQ2SEQ_FC = FamilySpec(
     name="seq2seq_fc",
+    models="Marian, BART, mBART, M2M100/NLLB, Pegasus, Blenderbot, PLBart, FSMT, MVP",
+    sites="`(encoder|decoder).layers.N.activation_fn`",
     matches=_hf_model_type(
         "marian", "bart", "mbart", "m2m_100", "pegasus", "blenderbot", "blenderbot-small", "plbart", "fsmt", "mvp"
     ),
     target_modules=r".*(encoder|decoder)\.layers\.\d+\.activation_fn",
-    graph=graphs.seq2seq_fc_graph,
     mean_task_loss=True,
-    fold_rules=(FoldRule(site="activation_fn", fc_in="fc1", fc_out="fc2"),),
 )
 T5 = FamilySpec(
     name="t5",
+    models="T5 (ReLU), T5 v1.1 and mT5 (gated GELU), UMT5, LongT5",
+    sites="`DenseReluDense.act`",
+    layouts=("elementwise", "glu"),
     matches=_hf_model_type("t5", "mt5", "umt5", "longt5"),
     target_modules=r".*\.DenseReluDense\.act",
-    graph=graphs.t5_graph,
     mean_task_loss=True,
-    fold_rules=(
-        FoldRule(site="act", fc_in="wi_0", fc_value="wi_1", fc_out="wo", glu=True),  # T5 v1.1, mT5
-        FoldRule(site="act", fc_in="wi", fc_out="wo"),
-    ),
 )
 BERT = FamilySpec(
     name="bert",
+    models="BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, ERNIE, data2vec-text",
+    sites="`intermediate.intermediate_act_fn` (not the pooler tanh or the MLM head)",
     matches=_hf_model_type("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text"),
     target_modules=r".*\.intermediate\.intermediate_act_fn",
-    graph=graphs.bert_graph,
-    fold_rules=(FoldRule(site="intermediate.intermediate_act_fn", fc_in="intermediate.dense", fc_out="output.dense"),),
 )
 DISTILBERT = FamilySpec(
     name="distilbert",
+    models="DistilBERT",
+    sites="`ffn.activation`",
     matches=_hf_model_type("distilbert"),
     target_modules=r".*\.ffn\.activation",
-    graph=graphs.distilbert_graph,
-    fold_rules=(FoldRule(site="activation", fc_in="lin1", fc_out="lin2"),),
 )
 HF_VIT = FamilySpec(
     name="hf_vit",
+    models="HF ViT, DeiT",
+    sites="`layers.N.mlp.activation_fn`",
     matches=_hf_model_type("vit", "deit"),
     target_modules=r"(.*\.)?layers\.\d+\.mlp\.activation_fn",
-    graph=graphs.hf_vit_graph,
-    fold_rules=(FoldRule(site="activation_fn", fc_in="fc1", fc_out="fc2"),),
 )
 TIMM_TRANSFORMER = FamilySpec(
     name="timm_transformer",
+    models="timm ViT/DeiT, Swin, EVA, ConvNeXt",
+    sites="`*.mlp.act` (`Mlp`, `GluMlp`, `SwiGLU`, `SwiGLUPacked`, `ConvMlp`)",
+    layouts=("elementwise", "glu", "packed-glu"),
     matches=_library_class("timm", "VisionTransformer", "SwinTransformer", "Eva", "ConvNeXt"),
     target_modules=r".*\.mlp\.act",
-    graph=graphs.timm_transformer_graph,
-    fold_rules=(
-        FoldRule(site="act", fc_in="fc1_g", fc_value="fc1_x", fc_out="fc2", glu=True, identity=("norm",)),  # SwiGLU
-        FoldRule(site="act", fc_in="fc1", fc_out="fc2", glu=True, identity=("norm",),  # GluMlp, SwiGLUPacked
-                 gate_half=lambda mlp: int(mlp.gate_last)),
-        FoldRule(site="act", fc_in="fc1", fc_out="fc2", identity=("norm",)),  # Mlp (Linear), ConvMlp (1x1 conv)
-    ),
-    fold_note="an MLP with a norm layer between its projections cannot fold",
 )
 TIMM_CNN = FamilySpec(
     name="timm_cnn",
+    models="timm ResNet, EfficientNet, MobileNetV3",
+    sites="every activation module, stem and squeeze-excite included (in-place ReLUs are made out-of-place inside "
+          "the gate and restored by `unpatch`)",
     matches=_library_class("timm", "ResNet", "EfficientNet", "MobileNetV3"),
-    graph=graphs.cnn_graph,
-    fold_note=_CNN_FOLD_NOTE,
 )
 TORCHVISION_RESNET = FamilySpec(
     name="torchvision_resnet",
+    models="torchvision ResNet",
+    sites="every activation module; the shared `relu` gets one gate per call site",
     matches=_library_class("torchvision", "ResNet"),
-    graph=graphs.cnn_graph,
-    fold_note=_CNN_FOLD_NOTE,
 )
 GENERIC = FamilySpec(
     name="generic",
+    models="anything else, e.g. LLaMA, Mistral, Qwen2/3, Gemma 1/2, Phi, Phi-3, GPT-2, GPT-J, GPT-NeoX, OPT, Falcon, "
+           "BLOOM, Mixtral, Qwen2-MoE, DeBERTa-v2, ALBERT, CLIP, Whisper, HF ConvNeXt/Swin/DINOv2, timm RegNet, "
+           "your own `nn.Module`",
+    sites="every activation module by type (ReLU, GELU, SiLU, hard-swish, Mish, ... from torch, timm and "
+          "`transformers.ACT2FN`) or behaviour (BLOOM's `BloomGelu`), not below a task head "
+          "(`families.HEAD_MODULES`) unless targeted",
+    layouts=("elementwise", "glu", "packed-glu", "expert-packed-glu"),
     matches=lambda model: True,
-    graph=graphs.mlp_graph,
-    fold_rules=(FoldRule(site="act_fn", fc_in="gate_proj", fc_value="up_proj", fc_out="down_proj", glu=True),),  # LLaMA
 )
 
 FAMILIES: tuple[FamilySpec, ...] = (
     SEQ2SEQ_FC, T5, BERT, DISTILBERT, HF_VIT, TIMM_TRANSFORMER, TIMM_CNN, TORCHVISION_RESNET, GENERIC
 )
 """The registry, most specific first; :data:`GENERIC` is the catch-all."""
+
+
+def markdown_table() -> str:
+    """The README's table of families (family, models, sites, verified layouts), generated from :data:`FAMILIES`;
+    a test keeps the README equal to it."""
+    rows = ["| family | models | FFN sites | layouts (verified) |", "|---|---|---|---|"]
+    for spec in FAMILIES:
+        sites = spec.sites.replace("|", "\\|")
+        rows.append(f"| `{spec.name}` | {spec.models} | {sites} | {', '.join(spec.layouts)} |")
+    return "\n".join(rows)
 
 
 def find_family(model: nn.Module) -> FamilySpec:

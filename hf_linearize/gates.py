@@ -64,11 +64,12 @@ class _GateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, act: nn.Module, channel_dim: int, glu: bool,
-                all_zero: bool, affine: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                all_zero: bool, affine: Optional[tuple[torch.Tensor, torch.Tensor]],
+                act_x: Optional[torch.Tensor]) -> torch.Tensor:
         w = _broadcast_weight(alpha, x, channel_dim)
         ctx.save_for_backward(x, alpha)
         ctx.act, ctx.channel_dim, ctx.glu, ctx.all_zero, ctx.affine = act, channel_dim, glu, all_zero, affine
-        return _mix(act(x), x, w, glu, all_zero, affine, channel_dim)
+        return _mix(act(x) if act_x is None else act_x, x, w, glu, all_zero, affine, channel_dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -90,7 +91,7 @@ class _GateFunction(torch.autograd.Function):
             if not (ctx.all_zero or ctx.glu):
                 slope = w if ctx.affine is None else w * _broadcast_weight(ctx.affine[0], x, ctx.channel_dim)
                 grad_x = grad_x.addcmul_(g, slope)
-        return grad_x, grad_alpha, None, None, None, None, None
+        return grad_x, grad_alpha, None, None, None, None, None, None
 
 
 def _broadcast_weight(alpha: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -198,7 +199,10 @@ class GatedActivation(nn.Module):
         return (self.alpha.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not bool(self.alpha.detach().any()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gated activation of ``x``; ``act_x``, when given, is ``act(x)`` as the caller computed it (without
+        gradient): :class:`ExpertGatedActivation` computes it once for all experts' rows, so that gates at 0
+        reproduce the fused call bit for bit."""
         if x.shape[self.channel_dim] != self.channels:
             raise RuntimeError(
                 f"Gated activation expects {self.channels} channels in dim {self.channel_dim}, got input of shape "
@@ -209,12 +213,13 @@ class GatedActivation(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
         affine = self._affine_targets()
         if needs_grad and not tracing and next(self.act.parameters(), None) is None:
-            return _GateFunction.apply(x, self.alpha, self.act, self.channel_dim, glu, self._all_zero(), affine)
+            return _GateFunction.apply(x, self.alpha, self.act, self.channel_dim, glu, self._all_zero(), affine,
+                                       act_x)
         # Plain ops: without gradients; in a traced graph (valid for any gate values); or for an activation with
         # parameters of its own (PReLU), whose gradients autograd must see.
         all_zero = not (needs_grad or tracing) and self._all_zero()
-        return _mix(self.act(x), x, _broadcast_weight(self.alpha, x, self.channel_dim), glu, all_zero, affine,
-                    self.channel_dim)
+        return _mix(self.act(x) if act_x is None else act_x, x, _broadcast_weight(self.alpha, x, self.channel_dim),
+                    glu, all_zero, affine, self.channel_dim)
 
 
 class SharedGatedActivation(nn.Module):
@@ -280,10 +285,12 @@ class ExpertGatedActivation(nn.Module):
             raise RuntimeError("Expert activation called without the routing of its experts module (or with "
                                f"{x.shape[0]} rows for {None if self._rows is None else self._rows.shape[0]} routed); "
                                "call the experts module, not its activation, or patch the model again.")
-        out = x.new_zeros(x.shape)
+        with torch.no_grad():  # act on all rows at once, as the experts module does: bit-exact at gate 0
+            out = self.act(x)
         for expert in self._rows.unique().tolist():
-            if expert >= len(self.experts):  # expert-parallel sentinel rows: left as they are
+            if expert >= len(self.experts):  # expert-parallel sentinel rows: left as the experts module has them
                 continue
             index = (self._rows == expert).nonzero().squeeze(1)
-            out = out.index_copy(0, index, self.experts[expert](x.index_select(0, index)))
+            rows = self.experts[expert](x.index_select(0, index), out.index_select(0, index))
+            out = out.index_copy(0, index, rows)
         return out

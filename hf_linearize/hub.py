@@ -9,27 +9,37 @@ A checkpoint directory holds:
                             sites, the probe input's spec (``probe``: names, shapes, dtypes, no data; loading
                             probes with it), and the gate summary and path lengths measured on the saved model; for a
                             folded model (``hl.fold``) also ``variant: "folded"`` and ``fold`` (the plan that
-                            rebuilds its structure, and the fold report's totals)
-``model.safetensors``       every weight, gates included (``<site>.alpha``)
+                            rebuilds its structure, each site's fold form, and the fold report's totals)
+``model.safetensors``       every weight, gates included (``<site>.alpha``), each under the name it has in the
+                            model (``model.state_dict()``); or ``model-0000i-of-0000n.safetensors`` shards and
+                            ``model.safetensors.index.json`` when it exceeds ``max_shard_size``
 ``README.md``               the model card (YAML metadata + prose), from ``model_cards/linearized_model.md``
 tokenizer / processor       when given
 ==========================  ==============================================================================
+
+Tensors keep the model's own names: transformers 5 would rename some on save back to an older layout (ViT's
+``layers`` as ``encoder.layer``, Mixtral's ``mlp`` as ``block_sparse_moe``, fused experts split per expert), a
+mapping that its loader inverts for the weights it knows but not for the gates or a folded model's tensors. Saved
+under the names the rebuilt model has, every tensor loads back as it was.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import huggingface_hub
-import safetensors.torch
+import safetensors
 import timm
 import torch
 import transformers
@@ -41,12 +51,17 @@ from torch import nn
 from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
 from .patching import gated_modules, patch_model, patch_state, summary
-from .probe_inputs import inputs_from_spec, timm_input_size
+from .probe_inputs import _model_name, inputs_from_spec, timm_input_size
 
 FORMAT_VERSION = 1
 LINEARIZE_CONFIG_NAME = "linearize_config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 CARD_TEMPLATE = importlib.resources.files("hf_linearize.model_cards") / "linearized_model.md"
+NOT_FOLDED_FORMS = ("unchanged", "gated")
+"""Fold forms (:class:`~hf_linearize.folding.SiteFold`) of a site whose units were not merged: no unit linear, or
+its FFN cannot fold (``fold_report`` says why). A folded checkpoint where every site has one says "no FFN folded"."""
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 
 class LinearizedCheckpointError(ValueError):
-    """A directory or repo is not a valid linearized checkpoint (missing, corrupt, mismatched, or too new)."""
+    """A directory or repo is not a valid linearized checkpoint (missing, corrupt, mismatched, or too new), or a model
+    cannot be saved as one that loads back (then nothing was written)."""
 
 
 class HubPushError(RuntimeError):
@@ -96,8 +112,10 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
 
     if is_folded(model):  # the gated model's numbers, recorded by fold, plus what rebuilds the folded structure
         folded = fold_state(model)
+        forms = {name: site["form"] for name, site in folded.report["sites"].items()}
         return {"format_version": FORMAT_VERSION, "library_version": __version__, "backend": _require_backend(model),
-                **folded.source, "variant": "folded", "fold": {**folded.plan, "total": dict(folded.report["total"])}}
+                **folded.source, "variant": "folded",
+                "fold": {**folded.plan, "forms": forms, "total": dict(folded.report["total"])}}
     state = patch_state(model)
     return {
         "format_version": FORMAT_VERSION,
@@ -132,6 +150,7 @@ def render_model_card(
     only when it is not a local folder.
     """
     config = metadata["linearize_config"]
+    fold = metadata.get("fold") or {}
     total = metadata["summary"]["total"]
     apl = metadata["path_length"] or {}
     path_length = {
@@ -175,7 +194,8 @@ def render_model_card(
         family=metadata["family"],
         backend=metadata["backend"],
         library_version=metadata["library_version"],
-        fold=(metadata.get("fold") or {}).get("total"),
+        fold=fold.get("total"),
+        folded_sites=sum(form not in NOT_FOLDED_FORMS for form in fold.get("forms", {}).values()),
     )
 
 
@@ -186,57 +206,186 @@ def save_pretrained(
     *,
     tokenizer: Any = None,
     model_args: Optional[dict[str, Any]] = None,
+    max_shard_size: Union[int, str] = "50GB",
+    verify: bool = True,
     **card_kwargs: Any,
 ) -> Path:
     """Write a linearized checkpoint directory (see module docstring) and return its path.
 
+    The checkpoint is written to a temporary folder next to ``save_directory`` and moved there only once complete
+    (and verified): a failure leaves ``save_directory`` as it was. Saving into a folder that holds a previous
+    checkpoint replaces its files (stale weight shards are removed; other files stay); while the files move, the
+    folder holds no ``linearize_config.json``, so it never loads as a mix of both. torch's global RNG is left as it
+    was (verifying draws fresh weights for the rebuilt model).
+
     Args:
-        model: a patched transformers or timm model.
+        model: a patched (or folded) transformers or timm model.
         tokenizer: a tokenizer or image processor to save alongside (anything with ``save_pretrained``).
         model_args: timm only: serialisable replacements for constructor arguments timm cannot record.
+        max_shard_size: largest weights file (bytes, or a string such as ``"5GB"``); larger models are split into
+            shards with an index, as transformers does.
+        verify: load the written checkpoint with :func:`from_pretrained` and check that every tensor (gates
+            included) comes back bit for bit, before moving it into place. Costs one load (a second copy of the
+            model on the CPU); ``False`` skips it.
         card_kwargs: passed to :func:`render_model_card` (``base_model``, ``metrics``, ``dataset``, ...).
+
+    Raises:
+        TypeError: neither a transformers nor a timm model.
+        ValueError: an unpatched model.
+        LinearizedCheckpointError: the model cannot be rebuilt by :func:`from_pretrained` (a class transformers
+            does not export, a timm feature-extraction wrapper), or the written checkpoint does not read back
+            exactly; nothing is written to ``save_directory`` then.
     """
     metadata = checkpoint_metadata(model)
     directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise LinearizedCheckpointError(f"{directory} is a file; pass a folder (new, or one to overwrite).")
     if metadata["backend"] == "transformers":
-        model.save_pretrained(directory)
-        _keep_gate_names(model, directory / WEIGHTS_NAME)
-    else:
-        from timm.models._hub import save_config_for_hf
-
-        # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
-        save_config_for_hf(model, str(directory / "config.json"), model_args=model_args,
-                           data_config={"input_size": timm_input_size(model)})
-        safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    (directory / LINEARIZE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    card_kwargs.setdefault("load_from", str(directory))
-    render_model_card(metadata, **card_kwargs).save(directory / "README.md")
+        _check_transformers_class(model, directory)
+    staging = _existing_ancestor(directory) / f".{directory.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        with torch.random.fork_rng(devices=[]):  # rebuilding the model draws fresh weights: keep the caller's RNG
+            if metadata["backend"] == "transformers":
+                _save_transformers(model, staging, max_shard_size)
+            else:
+                _save_timm(model, staging, directory, model_args, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (staging / LINEARIZE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            card_kwargs.setdefault("load_from", str(directory))
+            render_model_card(metadata, **card_kwargs).save(staging / "README.md")
+            if verify:
+                _verify_round_trip(model, staging, directory)
+        _move_into(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
-def _keep_gate_names(model: nn.Module, weights_file: Path) -> None:
-    """Store the gate tensors under the patched model's own names.
+def _save_transformers(model: nn.Module, staging: Path, max_shard_size: Union[int, str]) -> None:
+    """``model.save_pretrained`` under the model's own names, every tensor included: the keys a class leaves out
+    on save (``_keys_to_ignore_on_save``, e.g. Marian's sinusoidal positions, which transformers recomputes on load)
+    are written too, since a model loaded with ``from_pretrained`` may have changed them (they are trainable then)
+    and the checkpoint must give back the model as it is."""
+    ignored = model.__dict__.get("_keys_to_ignore_on_save", _NOT_SET)
+    model._keys_to_ignore_on_save = None
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size, save_original_format=False)
+    finally:
+        if ignored is _NOT_SET:
+            del model._keys_to_ignore_on_save
+        else:
+            model._keys_to_ignore_on_save = ignored
 
-    transformers 5 may rename keys on save back to an older layout (Mixtral's ``mlp`` -> ``block_sparse_moe``),
-    gates included; its loader maps base weights back but leaves the gates, which it does not know, under the old
-    names. Renamed gate tensors are replaced by the model's own. Sharded checkpoints are left as transformers
-    wrote them."""
-    if not weights_file.is_file():
+
+_NOT_SET = object()
+
+
+def _existing_ancestor(directory: Path) -> Path:
+    """The nearest existing folder above ``directory``: where its staging folder goes, on the same file system."""
+    return next(p for p in directory.absolute().parents if p.is_dir())
+
+
+def _unsaveable(model: nn.Module, directory: Path, reason: str, fix: str) -> LinearizedCheckpointError:
+    return LinearizedCheckpointError(
+        f"{_model_name(model)} cannot be saved as a linearized checkpoint: {reason}. {fix} Nothing was written to "
+        f"{directory}."
+    )
+
+
+def _check_transformers_class(model: nn.Module, directory: Path) -> None:
+    """Raise :class:`LinearizedCheckpointError` unless :func:`from_pretrained` rebuilds ``type(model)``: it builds
+    ``transformers.<architectures[0]>``, the name ``save_pretrained`` records."""
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise _unsaveable(
+            model, directory,
+            f"from_pretrained rebuilds a transformers model as the class config.json names, transformers.{name}, "
+            f"and transformers has no such class or another one ({type(model).__module__}.{name} is custom code or a "
+            "subclass)",
+            "Patch and save a model of a class transformers exports (e.g. from transformers.AutoModelFor...), or save "
+            "model.state_dict() with torch.save and rebuild and patch the model yourself before loading it.",
+        )
+
+
+def _save_timm(model: nn.Module, staging: Path, directory: Path, model_args: Optional[dict[str, Any]],
+               max_shard_size: Union[int, str]) -> None:
+    """timm's ``config.json`` (with the input the model was built for), checked to rebuild ``type(model)``, then
+    the weights (sharded beyond ``max_shard_size``)."""
+    from timm.models._hub import save_config_for_hf
+
+    fix = ("Build the model as timm.create_model returns it (no features_only=True wrapper) from JSON-serialisable "
+           "arguments (e.g. act_layer='silu', not a class), or pass such replacements as model_args=; else save "
+           "model.state_dict() with torch.save.")
+    try:
+        # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
+        save_config_for_hf(model, str(staging / "config.json"), model_args=model_args,
+                           data_config={"input_size": timm_input_size(model)})
+        rebuilt = type(_build_timm_model(staging, device="meta"))
+    except Exception as error:  # timm's exporter and factory raise anything from AttributeError to AssertionError
+        raise _unsaveable(model, directory, f"timm cannot record or replay how to build it ({type(error).__name__}: "
+                                            f"{error})", fix) from error
+    if rebuilt is not type(model):
+        raise _unsaveable(model, directory, f"from_pretrained would rebuild it as {rebuilt.__name__} with "
+                                            "timm.create_model(architecture, **model_args) from config.json", fix)
+    huggingface_hub.save_torch_state_dict(model.state_dict(), staging, max_shard_size=max_shard_size,
+                                          metadata={"format": "pt"})
+
+
+def _verify_round_trip(model: nn.Module, staging: Path, directory: Path) -> None:
+    """Raise :class:`LinearizedCheckpointError` unless the checkpoint in ``staging`` loads back with every tensor of
+    ``model.state_dict()`` (names, dtypes, values) bit for bit."""
+    def fail(reason: str) -> LinearizedCheckpointError:
+        return LinearizedCheckpointError(
+            f"The checkpoint written for {_model_name(model)} does not read back exactly: {reason}. Nothing was "
+            f"written to {directory}. Please report this with the model's config; save_pretrained(..., verify=False) "
+            "writes it unchecked."
+        )
+
+    try:
+        loaded = from_pretrained(staging)
+    except LinearizedCheckpointError as error:
+        raise fail(str(error)) from error
+    expected, got = model.state_dict(), loaded.state_dict()
+    differ = sorted(
+        k for k in expected.keys() | got.keys()
+        if k not in expected or k not in got or got[k].dtype != expected[k].dtype
+        or not torch.equal(got[k], expected[k].to(got[k].device))
+    )
+    if differ:
+        first = differ[0]
+        if first not in got or first not in expected:
+            detail = "missing"
+        elif got[first].dtype != expected[first].dtype:
+            detail = f"dtype {got[first].dtype} instead of {expected[first].dtype}"
+        else:
+            gap = (got[first].double() - expected[first].double().to(got[first].device)).abs().max()
+            detail = f"max abs difference {float(gap):.3g}"
+        raise fail(f"{len(differ)} tensor(s) differ or are missing after loading, first {differ[:5]} ({first}: "
+                   f"{detail})")
+
+
+def _is_weights_file(name: str) -> bool:
+    return name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_NAME.fullmatch(name) is not None
+
+
+def _move_into(staging: Path, directory: Path) -> None:
+    """Move the files of ``staging`` into ``directory``: one rename when it does not exist. Else its
+    ``linearize_config.json`` goes first (the folder is no checkpoint while files move), weight files that the new
+    checkpoint does not have are removed, the new files replace the old, and ``linearize_config.json`` comes last."""
+    if not directory.exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(directory)
         return
-    gate_keys = {f"{name}.{key}" for name, gate in gated_modules(model) for key in gate.state_dict()}
-    with safetensors.safe_open(str(weights_file), "pt") as handle:
-        keys, file_metadata = set(handle.keys()), handle.metadata()
-    if gate_keys <= keys:
-        return
-    state = safetensors.torch.load_file(str(weights_file))
-    own = model.state_dict()
-    suffixes = tuple("." + key for key in ("alpha", "target_slope", "target_offset"))
-    state = {k: v for k, v in state.items() if k in own or not k.endswith(suffixes)}
-    state.update({k: own[k].detach().contiguous() for k in gate_keys})
-    safetensors.torch.save_file(state, str(weights_file), metadata=file_metadata)
+    (directory / LINEARIZE_CONFIG_NAME).unlink(missing_ok=True)
+    for old in directory.iterdir():
+        if _is_weights_file(old.name) and not (staging / old.name).exists():
+            old.unlink()
+    for new in staging.iterdir():
+        if new.name != LINEARIZE_CONFIG_NAME:
+            os.replace(new, directory / new.name)
+    os.replace(staging / LINEARIZE_CONFIG_NAME, directory / LINEARIZE_CONFIG_NAME)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -347,6 +496,7 @@ def _build_transformers_model(directory: Path) -> tuple[nn.Module, _WeightMismat
         model, info = model_class.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    _own_memory(model)
     return model, _WeightMismatch(
         missing=sorted(info["missing_keys"]),
         unexpected=sorted(info["unexpected_keys"]),
@@ -354,17 +504,73 @@ def _build_transformers_model(directory: Path) -> tuple[nn.Module, _WeightMismat
     )
 
 
+def _own_memory(model: nn.Module) -> None:
+    """Copy every parameter and buffer that lives in memory torch did not allocate (transformers maps the weights
+    file into memory) into memory of its own: the model then holds no file open, and CPU kernels see aligned data as
+    in the saved model (on the file's unaligned data they may round differently, 1 ulp in ALBERT's pooler)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if not tensor.untyped_storage().resizable():
+            tensor.data = tensor.data.clone()
+
+
+def _build_timm_model(directory: Path, device: Optional[str] = None) -> nn.Module:
+    """The timm model that ``directory/config.json`` describes (``architecture``, ``model_args``), freshly
+    initialised, on ``device`` (``"meta"``: no memory, for checking its class)."""
+    from timm.models._hub import load_model_config_from_path
+
+    pretrained_cfg, model_name, model_args = load_model_config_from_path(directory)
+    return timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, device=device, **model_args)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """``model.safetensors`` (as transformers, preferred when both are there), else the shards that
+    ``model.safetensors.index.json`` lists; :class:`LinearizedCheckpointError` when neither is there, the index is
+    corrupt or a listed shard is missing."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    index = directory / INDEX_NAME
+    if not index.is_file():
+        raise LinearizedCheckpointError(
+            f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; the checkpoint is incomplete. Save it again.")
+    try:
+        names = sorted({str(name) for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise LinearizedCheckpointError(f"{index} is corrupt ({type(error).__name__}: {error}); save the checkpoint "
+                                        "again.") from error
+    files = [directory / name for name in names]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise LinearizedCheckpointError(f"{directory} lacks the weight shard(s) {absent} that {INDEX_NAME} lists; the "
+                                        "checkpoint is incomplete (an interrupted download or copy?).")
+    return files
+
+
+def _read_tensors(files: list[Path], keys: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files`` (or those named in ``keys``), by name, on the CPU."""
+    state = {}
+    for file in files:
+        with safetensors.safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                if keys is None or key in keys:
+                    state[key] = handle.get_tensor(key)
+    return state
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor],
                 keys: Optional[set[str]] = None) -> _WeightMismatch:
     """Load every tensor of ``state`` whose key and shape fit ``model`` and report the rest, counting only
     ``keys`` of the model's state dict when given. Missing means missing after the modules' own load hooks (a
     gate fills in default targets that format-1 checkpoints lack); a tensor sharing its storage with a loaded one
-    (a tied weight, which safetensors stores once) is loaded through it and is not missing."""
-    own = model.state_dict()
+    (a tied weight, which safetensors stores once) is loaded through it and is not missing. A loaded tensor takes
+    the dtype it has in ``state`` (gates of a model cast to bfloat16 after patching come back in bfloat16)."""
+    own = model.state_dict(keep_vars=True)
     if keys is not None:
         own = {k: v for k, v in own.items() if k in keys}
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     wrong_shape = {k: v.shape for k, v in state.items() if k in own and k not in fits}
+    for key, tensor in fits.items():
+        if own[key].dtype != tensor.dtype:
+            own[key].data = own[key].data.to(tensor.dtype)
     result = model.load_state_dict(fits, strict=False)
     loaded = {own[k].data_ptr() for k in fits}
     return _WeightMismatch(
@@ -375,7 +581,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor],
     )
 
 
-def _settle(mismatch: _WeightMismatch, weights_file: Path, allow_partial: bool) -> None:
+def _settle(mismatch: _WeightMismatch, weights: str, allow_partial: bool) -> None:
     """Raise :class:`LinearizedCheckpointError` naming every tensor that did not fit, or with ``allow_partial``
     log each one as a warning."""
     lines = mismatch.lines()
@@ -383,11 +589,11 @@ def _settle(mismatch: _WeightMismatch, weights_file: Path, allow_partial: bool) 
         return
     if allow_partial:
         for line in lines:
-            logger.warning("Loading %s with allow_partial=True: %s", weights_file, line)
+            logger.warning("Loading %s with allow_partial=True: %s", weights, line)
         return
     shown = "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
     raise LinearizedCheckpointError(
-        f"The weights in {weights_file} do not fit the model rebuilt from its config ({len(mismatch.missing)} "
+        f"The weights in {weights} do not fit the model rebuilt from its config ({len(mismatch.missing)} "
         f"missing, {len(mismatch.unexpected)} unexpected, {len(mismatch.wrong_shape)} of the wrong shape):\n  "
         f"{shown}\nThe file is damaged or belongs to another checkpoint; save the model again. To load it anyway "
         "pass allow_partial=True: missing and wrongly shaped tensors then keep their fresh initialisation."
@@ -401,12 +607,14 @@ def from_pretrained(
     """Load a linearized checkpoint from a directory or a Hub repo id: rebuild the base model (transformers
     classes from ``config.json``, timm from its recorded model args), re-apply the gates, load every weight.
 
-    The result computes exactly what the saved model computed. Loading is strict: a missing, unexpected or wrongly
-    shaped tensor (base weight or gate) raises :class:`LinearizedCheckpointError` naming it; tied weights that
-    transformers leaves out of the file are the one exception. ``allow_partial=True`` logs each such tensor as a
-    warning instead (a missing one keeps its fresh initialisation, a missing gate its ``gate_init``). Also raises
-    :class:`LinearizedCheckpointError` for a missing/corrupt/too-new ``linearize_config.json``, and when
-    ``name_or_path`` is neither a local folder nor a reachable Hub repo (naming both).
+    The result computes exactly what the saved model computed: every tensor comes back with its saved value and
+    dtype, from ``model.safetensors`` or the shards that ``model.safetensors.index.json`` lists. Loading is strict:
+    a missing, unexpected or wrongly shaped tensor (base weight or gate) raises :class:`LinearizedCheckpointError`
+    naming it; tied weights that transformers leaves out of the file are the one exception. ``allow_partial=True``
+    logs each such tensor as a warning instead (a missing one keeps its fresh initialisation, a missing gate its
+    ``gate_init``). Also raises :class:`LinearizedCheckpointError` for a missing/corrupt/too-new
+    ``linearize_config.json``, a missing or corrupt weights index or shard, and when ``name_or_path`` is neither a
+    local folder nor a reachable Hub repo (naming both).
 
     A checkpoint of a folded model (``"variant": "folded"``) comes back folded, bit-identical to the saved model:
     the gated architecture is rebuilt, refolded by its saved plan (:func:`~hf_linearize.folding.refold`), and every
@@ -414,15 +622,16 @@ def from_pretrained(
     """
     directory = _checkpoint_directory(name_or_path, revision, token)
     metadata = read_checkpoint_metadata(directory)
-    weights_file = directory / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise LinearizedCheckpointError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete.")
+    variant = metadata.get("variant")
+    if variant not in (None, "folded"):
+        raise LinearizedCheckpointError(
+            f"{LINEARIZE_CONFIG_NAME} names the format variant {variant!r}, which this hf_linearize does not know "
+            "(it reads plain and 'folded' checkpoints); upgrade hf_linearize."
+        )
+    files = _weight_files(directory)
+    weights = str(files[0]) if len(files) == 1 else f"{directory} ({len(files)} shards)"
     if metadata["backend"] == "timm":
-        from timm.models._hub import load_model_config_from_path
-
-        pretrained_cfg, model_name, model_args = load_model_config_from_path(directory)
-        model = timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
-        base_mismatch = None
+        model, base_mismatch = _build_timm_model(directory), None
     else:
         model, base_mismatch = _build_transformers_model(directory)
     base_keys = set(model.state_dict())
@@ -435,31 +644,24 @@ def from_pretrained(
             f"The gated sites of the rebuilt model differ from {LINEARIZE_CONFIG_NAME} (first differences: "
             f"{differ}); the checkpoint's config and weights do not belong together."
         )
-    state = safetensors.torch.load_file(str(weights_file))
-    variant = metadata.get("variant")
-    if variant not in (None, "folded"):
-        raise LinearizedCheckpointError(
-            f"{LINEARIZE_CONFIG_NAME} names the format variant {variant!r}, which this hf_linearize does not know "
-            "(it reads plain and 'folded' checkpoints); upgrade hf_linearize."
-        )
     if variant == "folded":  # rebuild the folded structure, then load every tensor into it
         model = refold(model, metadata["fold"])
-        mismatch = _load_state(model, state)
+        mismatch = _load_state(model, _read_tensors(files))
         if base_mismatch is not None:  # base tensors transformers accepted without the file (recomputed positions)
             accepted = base_keys - set(base_mismatch.missing)
             mismatch.missing = [k for k in mismatch.missing if k not in accepted]
     elif base_mismatch is None:
-        mismatch = _load_state(model, state)
+        mismatch = _load_state(model, _read_tensors(files))
     else:  # transformers loaded the base weights; the tensors that patching added were its unexpected keys
         patched_keys = set(model.state_dict()) - base_keys
         moved = base_keys - set(model.state_dict())  # parameters of an activation now inside its gate (PReLU)
-        gates = _load_state(model, {k: v for k, v in state.items() if k in patched_keys}, keys=patched_keys)
+        gates = _load_state(model, _read_tensors(files, patched_keys), keys=patched_keys)
         mismatch = _WeightMismatch(
             missing=sorted({k for k in base_mismatch.missing if k not in moved} | set(gates.missing)),
             unexpected=[k for k in base_mismatch.unexpected if k not in patched_keys],
             wrong_shape=base_mismatch.wrong_shape + gates.wrong_shape,
         )
-    _settle(mismatch, weights_file, allow_partial)
+    _settle(mismatch, weights, allow_partial)
     return model.eval()
 
 
@@ -479,7 +681,12 @@ def push_to_hub(
     ``repo_id``; returns the commit's URL. On failure raises :class:`HubPushError`, and the local save stays.
     """
     local = Path(save_directory) if save_directory is not None else Path(tempfile.mkdtemp(prefix="hf_linearize-"))
-    save_pretrained(model, local, load_from=repo_id, **save_kwargs)
+    try:
+        save_pretrained(model, local, load_from=repo_id, **save_kwargs)
+    except Exception:
+        if save_directory is None:
+            shutil.rmtree(local, ignore_errors=True)
+        raise
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -48,6 +48,10 @@ class PatchState:
     probe: Optional[dict[str, Any]] = None
     """The probe input's spec (:func:`~hf_linearize.probe_inputs.input_spec`: names, shapes, dtypes; no data),
     saved with checkpoints so that loading probes the same way."""
+    layouts: dict[str, list[str]] = field(default_factory=dict)
+    """Per gated activation module, the layout of each of its call sites (:attr:`SiteLayout.layout`)."""
+    path_structure: Any = field(default=None, repr=False, compare=False)
+    """The traced path-graph structure (:class:`~hf_linearize.traced_graph.TracedStructure`), built on first use."""
 
 
 # --------------------------------------------------------------------------------------------- selection
@@ -342,6 +346,7 @@ def patch_model(
     state = PatchState(config=config, family=family.name, probe=input_spec(inputs))
     for name, site_calls in plan.items():
         _gate_site(model, name, site_calls, config, state)
+        state.layouts[name] = [call.layout for call in site_calls]
     setattr(model, STATE_ATTR, state)
     if verify:
         try:
@@ -580,6 +585,18 @@ def gated_modules(model: nn.Module) -> Iterator[tuple[str, GatedActivation]]:
             yield name, module
 
 
+def gate_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost gate modules of ``model`` by name, in module order: a :class:`SharedGatedActivation` or
+    :class:`ExpertGatedActivation` container, or a lone :class:`GatedActivation` (what stands where an activation
+    stood)."""
+    wrappers: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = wrappers and name.startswith(wrappers[-1][0] + ".")
+        if isinstance(module, (GatedActivation, SharedGatedActivation, ExpertGatedActivation)) and not inside:
+            wrappers.append((name, module))
+    return wrappers
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original activation modules and return the model.
 
@@ -595,12 +612,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             " so removing the gates would change the model. Zero them first (e.g. `for _, g in "
             "gated_modules(model): g.alpha.data.zero_()`) or keep the patched model."
         )
-    wrappers: list[tuple[str, nn.Module]] = []  # outermost gate modules: a shared/expert container, or a gate
-    for name, module in model.named_modules():
-        inside = wrappers and name.startswith(wrappers[-1][0] + ".")
-        if isinstance(module, (GatedActivation, SharedGatedActivation, ExpertGatedActivation)) and not inside:
-            wrappers.append((name, module))
-    for name, module in wrappers:
+    for name, module in gate_wrappers(model):
         act = module.act
         if state.inplace.get(name):
             act.inplace = True

@@ -10,6 +10,7 @@ import inspect
 from typing import Any, Mapping, Optional, Union
 
 import torch
+from torch.utils import _pytree as pytree
 from torch import nn
 
 
@@ -18,9 +19,9 @@ def timm_input_size(model: nn.Module) -> Optional[tuple[int, int, int]]:
     timm ``pretrained_cfg``.
 
     Channels: ``in_channels`` of the first convolution (``pretrained_cfg["first_conv"]``, else the first ``Conv2d``
-    in module order), so ``in_chans=1`` is seen. Size: the patch embedding's ``img_size`` (ViT, DeiT, Swin, EVA,
-    Mixer: fixed when the model was created, e.g. ``img_size=32``), else ``timm.data.resolve_model_data_config``
-    (the ``pretrained_cfg`` input size; CNNs accept other sizes too).
+    in module order), so ``in_chans=1`` is seen. Size: the model's or its patch embedding's ``img_size`` (ViT,
+    DeiT, Swin, EVA, Mixer, MaxViT, CoAtNet: fixed when the model was created, e.g. ``img_size=32``), else
+    ``timm.data.resolve_model_data_config`` (the ``pretrained_cfg`` input size; CNNs accept other sizes too).
     """
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(pretrained_cfg, dict):
@@ -39,7 +40,8 @@ def timm_input_size(model: nn.Module) -> Optional[tuple[int, int, int]]:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = conv.in_channels if conv is not None else default[0]
     size = next((m.img_size for m in model.modules()
-                 if type(m).__name__.endswith("Embed") and getattr(m, "img_size", None) is not None), default[1:])
+                 if (m is model or type(m).__name__.endswith("Embed")) and getattr(m, "img_size", None) is not None),
+                default[1:])
     height, width = (size, size) if isinstance(size, int) else size
     return int(channels), int(height), int(width)
 
@@ -315,3 +317,23 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: itself, else ``logits``, ``last_hidden_state`` or ``logits_per_image``
+    (CLIP-style dual encoders; attribute or dict key), else its first floating-point tensor. ``ValueError`` when it
+    holds none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state", "logits_per_image"):
+        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if value is not None:
+            return value
+    leaves = _float_leaves(out)
+    if not leaves:
+        raise ValueError(f"The model's output ({type(out).__name__}) holds no floating-point tensor.")
+    return leaves[0]

@@ -63,7 +63,7 @@ def test_report_contents():
     layers = report["layers"]
     assert list(layers) == [n for n, _ in hl.gated_modules(model)] == list(hand)
     assert layers["model.encoder.layers.0.activation_fn"] == {
-        "stack": "encoder", "units": 24, "nonlinear": 12, "nonlinear_fraction": 0.5,
+        "stack": "encoder", "units": 24, "nonlinear": 12, "nonlinear_fraction": 0.5, "calls": 1,
         "contribution_normalized": pytest.approx(0.25), "contribution_unnormalized": pytest.approx(0.5 * 24 / 25)}
     for name, (fraction, normalized, unnormalized) in hand.items():
         assert layers[name]["nonlinear_fraction"] == fraction, name
@@ -76,7 +76,7 @@ def test_report_contents():
 
 def test_eva_and_llama_reports():
     """EVA-02 (timm_transformer; GluMlp of 512 GLU units): each block's FFN residual is taken with probability 1/2
-    (normalized) or 512/513 (unnormalized). LLaMA (generic family) has no path graph and says so."""
+    (normalized) or 512/513 (unnormalized). LLaMA (generic family): the same, from its traced graph."""
     from conftest import GLU_FFN_CASES
 
     torch.manual_seed(0)
@@ -90,9 +90,10 @@ def test_eva_and_llama_reports():
     assert report["layers"]["blocks.1.mlp.act"]["contribution_normalized"] == pytest.approx(0.75 / 2, rel=1e-12)
     assert report["unnormalized_apl"] == pytest.approx(1.75 * 512 / 513, rel=1e-12)
     llama = hl.patch_model(GLU_FFN_CASES["llama"]()[0].eval())
-    with pytest.raises(NotImplementedError, match="Path graph not supported yet for LlamaForCausalLM; supported "
-                                                  "families: seq2seq_fc"):
-        path_length_report(llama)
+    report = path_length_report(llama)
+    gates = dict(hl.gated_modules(llama))
+    assert report["family"] == "generic" and report["depth"]["normalized"] == pytest.approx(len(gates) / 2)
+    assert report["depth"]["unnormalized"] == pytest.approx(sum(g.channels / (g.channels + 1) for g in gates.values()))
 
 
 def test_report_json_round_trip(tmp_path):

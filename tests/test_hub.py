@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, Callable
 
 import huggingface_hub
 import pytest
@@ -11,16 +12,24 @@ import safetensors.torch
 import timm
 import torch
 import transformers as tf
+import tiny_models
 from conftest import FAMILY_CASES, GLU_FFN_CASES, run
 from hub_server import LocalHub, hub_env
 from huggingface_hub import ModelCard, create_repo, upload_folder
+from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import hf_linearize as hl
+from hf_linearize import hub
+from hf_linearize.folding import fold_state, is_folded
 from hf_linearize.hub import (
     LINEARIZE_CONFIG_NAME,
+    NOT_FOLDED_FORMS,
     HubPushError,
     LinearizedCheckpointError,
 )
+from hf_linearize.patching import patch_state
+from hf_linearize.probe_inputs import _call, inputs_from_spec
 
 
 @pytest.fixture
@@ -37,9 +46,10 @@ def linearized_marian(marian):
 def linearized_resnet():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
-    hl.patch_model(model)
+    x = torch.randn(2, 3, 64, 64)
+    hl.patch_model(model, example_inputs=x[:1])  # probes at 64 px, as loading does then (faster than 224)
     hl.set_linear(model, 0.25)
-    return model, torch.randn(2, 3, 64, 64)
+    return model, x
 
 
 def test_save_load_transformers_exact(tmp_path, linearized_marian):
@@ -58,7 +68,9 @@ def test_save_load_transformers_exact(tmp_path, linearized_marian):
 
 def test_save_load_timm_exact(tmp_path, linearized_resnet):
     model, x = linearized_resnet
+    rng = torch.get_rng_state()
     hl.save_pretrained(model, tmp_path)
+    assert torch.equal(torch.get_rng_state(), rng), "verifying the save drew weights from the caller's RNG"
     assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "resnet18"
     loaded = hl.from_pretrained(tmp_path)
     with torch.no_grad():
@@ -148,12 +160,17 @@ def test_push_and_load_round_trip_with_revision_pin(tmp_path, linearized_marian,
         assert hl.summary(hl.from_pretrained("user/marian-lin", revision=first)) == before
 
 
-def _assert_bit_identical(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Same state (every tensor, gates included, bit for bit) and the same summary."""
+def _assert_same_tensors(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Same state: every tensor (gates included) under the same name, with the same dtype, bit for bit."""
     expected, got = model.state_dict(), loaded.state_dict()
     assert list(got) == list(expected)
     different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
     assert not different, f"tensors differ after reload: {different[:5]}"
+
+
+def _assert_bit_identical(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Same state (:func:`_assert_same_tensors`) and the same summary."""
+    _assert_same_tensors(loaded, model)
     assert hl.summary(loaded) == hl.summary(model)
 
 
@@ -399,3 +416,178 @@ def test_format_1_checkpoint_without_gate_targets_loads(tmp_path, linearized_mar
     assert not any(gate._affine for _, gate in hl.gated_modules(loaded))
     with torch.no_grad():
         assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
+# ------------------------------------------------------------------------------------------------ every model
+_IMAGE = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+_PIXELS = {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+
+ROUND_TRIP_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
+    **{name: build for name, build in tiny_models.ALL.items() if name != "timm_vit_swiglu"},  # refused: see below
+    "hf_vit_model": lambda: (tf.ViTModel(tf.ViTConfig(intermediate_size=24, **_IMAGE)), _PIXELS),
+    "dinov2_swiglu": lambda: (tf.Dinov2Model(tf.Dinov2Config(mlp_ratio=2, use_swiglu_ffn=True, **_IMAGE)),
+                              _PIXELS),
+    "clip_vision": lambda: (tf.CLIPVisionModel(tf.CLIPVisionConfig(intermediate_size=24, **_IMAGE)), _PIXELS),
+    "timm_test_resnet": lambda: (timm.create_model("test_resnet", pretrained=False, num_classes=3),
+                                 torch.randn(1, 3, 32, 32)),
+}
+"""Every architecture that patches (``tiny_models.ALL``; its timm ViT built with a SwiGLU class cannot be recorded
+by timm and is refused) and the layouts that transformers 5 renames on save: HF ViT's ``layers`` (saved as
+``encoder.layer``), DINOv2's SwiGLU (``weights_in``), CLIP's vision tower alone (a prefix change), besides Mixtral's
+``block_sparse_moe`` and the fused experts there; and a CNN, where no FFN folds."""
+
+
+def _linearized(name: str) -> nn.Module:
+    """Model ``name`` (``ROUND_TRIP_MODELS``, ``FAMILY_CASES`` or ``GLU_FFN_CASES``), patched in eval mode on its
+    inputs, half of its units linear and a few gates fractional, so that a round trip which loses or renames a gate
+    fails."""
+    torch.manual_seed(0)
+    model, inputs = {**FAMILY_CASES, **GLU_FFN_CASES, **ROUND_TRIP_MODELS}[name]()
+    hl.patch_model(model.eval(), example_inputs=inputs)
+    hl.set_linear(model, 0.5, seed=1)
+    for _, gate in hl.gated_modules(model):
+        nonlinear = (gate.alpha == 0).nonzero().flatten()[:3]
+        gate.alpha.data[nonlinear] = torch.linspace(0.1, 0.7, len(nonlinear))
+    return model
+
+
+def _assert_same_outputs(loaded: nn.Module, model: nn.Module, probe: dict) -> None:
+    """Every output tensor equal (``torch.equal``) on the probe input of the spec ``probe``."""
+    with torch.no_grad():
+        expected, got = ([t for t in tree_leaves(_call(m, inputs_from_spec(probe))) if isinstance(t, torch.Tensor)]
+                         for m in (model, loaded))
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_MODELS))
+def test_every_patchable_model_round_trips_bit_exactly(tmp_path, name):
+    model = _linearized(name)
+    hl.save_pretrained(model, tmp_path, verify=False)  # the checks below are verify's, and more
+    loaded = hl.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    _assert_bit_identical(loaded, model)
+    _assert_same_outputs(loaded, model, patch_state(model).probe)
+
+
+def _folded_round_trip(directory, name: str) -> tuple[nn.Module, ModelCard]:
+    """Fold model ``name``, save it and check that it loads back folded, bit for bit; the folded model and its card."""
+    folded = hl.fold(_linearized(name))
+    hl.save_pretrained(folded, directory)
+    loaded = hl.from_pretrained(directory)
+    assert type(loaded) is type(folded) and is_folded(loaded)
+    assert hl.fold_report(loaded)["sites"] == hl.fold_report(folded)["sites"]
+    _assert_same_tensors(loaded, folded)
+    _assert_same_outputs(loaded, folded, fold_state(folded).source["probe"])
+    return folded, ModelCard.load(directory / "README.md")
+
+
+@pytest.mark.parametrize("name", ["bert", "marian", "llama", "timm_vit", "hf_vit_model", "qwen2_moe", "gpt2"])
+def test_folded_models_round_trip_bit_exactly(tmp_path, name):
+    """Folded checkpoints keep the folded tensors' own names too (HF ViT and Qwen2-MoE rename on save)."""
+    folded, card = _folded_round_trip(tmp_path, name)
+    nothing_folded = all(s["form"] in NOT_FOLDED_FORMS for s in hl.fold_report(folded)["sites"].values())
+    assert ("no FFN folded" in card.text) is nothing_folded and ("multiply-adds" in card.text) is not nothing_folded
+
+
+def test_a_folded_model_where_nothing_folded(tmp_path):
+    """Saving it raised ZeroDivisionError before: the card divided by the FFN MACs after folding, 0 here."""
+    folded, card = _folded_round_trip(tmp_path, "timm_test_resnet")
+    forms = {s["form"] for s in hl.fold_report(folded)["sites"].values()}
+    assert forms <= set(NOT_FOLDED_FORMS), f"fold now folds ResNet ({forms}); pick a model where nothing folds"
+    assert "This checkpoint is folded" in card.text and "no FFN folded" in card.text
+    assert "multiply-adds" not in card.text and "folded" in card.data.tags
+
+
+@pytest.mark.parametrize("name,fold", [("hf_vit_model", False), ("qwen2_moe", True), ("timm_eva", False)])
+def test_sharded_checkpoints_round_trip_and_replace_a_single_file_one(tmp_path, name, fold):
+    model = _linearized(name)
+    model = hl.fold(model) if fold else model
+    (tmp_path / "notes.txt").write_text("not part of the checkpoint")
+    hl.save_pretrained(model, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    hl.save_pretrained(model, tmp_path, max_shard_size=4096)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "notes.txt").read_text() == "not part of the checkpoint"
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map.values()) == set(shards)
+    assert set(weight_map) <= set(model.state_dict()), "tensors are stored under the model's own names"
+    loaded = hl.from_pretrained(tmp_path)
+    _assert_same_tensors(loaded, model)
+    probe = fold_state(model).source["probe"] if fold else patch_state(model).probe
+    _assert_same_outputs(loaded, model, probe)
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(LinearizedCheckpointError, match=f"lacks the weight shard.*{shards[-1]}"):
+        hl.from_pretrained(tmp_path)
+
+
+def test_gates_cast_after_patching_keep_their_dtype(tmp_path):
+    model = _linearized("llama").to(torch.bfloat16)
+    hl.save_pretrained(model, tmp_path)
+    loaded = hl.from_pretrained(tmp_path)
+    assert {gate.alpha.dtype for _, gate in hl.gated_modules(loaded)} == {torch.bfloat16}
+    _assert_bit_identical(loaded, model)
+
+
+# ------------------------------------------------------------------------------------------------ refused saves
+def _snapshot(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_timm_features_only_backbone_is_refused_before_anything_is_written(tmp_path, linearized_marian):
+    model = timm.create_model("resnet18", pretrained=False, features_only=True)
+    hl.patch_model(model.eval(), example_inputs=torch.randn(1, 3, 64, 64))
+    with pytest.raises(LinearizedCheckpointError) as error:
+        hl.save_pretrained(model, tmp_path / "new" / "backbone")
+    message = str(error.value)
+    assert "FeatureListNet ('resnet18') cannot be saved as a linearized checkpoint: timm cannot record" in message
+    assert "no features_only=True wrapper" in message and "torch.save" in message
+    assert f"Nothing was written to {tmp_path / 'new' / 'backbone'}" in message
+    assert list(tmp_path.iterdir()) == [], "no folder, no staging folder left behind"
+    hl.save_pretrained(linearized_marian[0], tmp_path / "old")
+    before = _snapshot(tmp_path / "old")
+    with pytest.raises(LinearizedCheckpointError, match="cannot be saved"):
+        hl.save_pretrained(model, tmp_path / "old")
+    assert _snapshot(tmp_path / "old") == before and [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_timm_arguments_that_timm_cannot_record_are_refused(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=3,
+                              mlp_layer=timm.layers.SwiGLU, act_layer=nn.SiLU)
+    hl.patch_model(model.eval())
+    with pytest.raises(LinearizedCheckpointError, match=r"VisionTransformer \('vit_tiny_patch16_224'\) cannot be "
+                                                        r"saved.*'mlp_layer' is not serializable.*model_args="):
+        hl.save_pretrained(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_class_transformers_cannot_rebuild_is_refused(tmp_path):
+    class MyBert(tf.BertModel):
+        """A subclass that hf_linearize.from_pretrained could only rebuild as tf.BertModel."""
+
+    model = MyBert(tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=24))
+    hl.patch_model(model.eval())
+    with pytest.raises(LinearizedCheckpointError, match=r"MyBert \('bert'\) cannot be saved .*transformers\.MyBert.*"
+                                                        r"custom code or a subclass.*Nothing was written"):
+        hl.save_pretrained(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_does_not_read_back_leaves_the_old_one(tmp_path, linearized_marian, monkeypatch):
+    """The verification loads what was written; here every gate reads back as 0, so nothing replaces the old
+    checkpoint."""
+    model, inputs = linearized_marian
+    hl.save_pretrained(model, tmp_path / "ckpt")
+    before = _snapshot(tmp_path / "ckpt")
+    read = hub._read_tensors
+    monkeypatch.setattr(hub, "_read_tensors", lambda files, keys=None: {
+        k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in read(files, keys).items()})
+    hl.set_linear(model, 1.0)
+    with pytest.raises(LinearizedCheckpointError, match=r"does not read back exactly: \d+ tensor\(s\) differ .*alpha"
+                                                        r".*Nothing was written to"):
+        hl.save_pretrained(model, tmp_path / "ckpt")
+    assert _snapshot(tmp_path / "ckpt") == before and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    monkeypatch.undo()
+    loaded = hl.from_pretrained(tmp_path / "ckpt")
+    assert hl.summary(loaded)["total"]["nonlinear"] > 0, "the old checkpoint, from before set_linear(1.0)"

@@ -68,7 +68,7 @@ class StopAt(tf.TrainerCallback):
 
 
 class MLPClassifier(nn.Module):
-    """A model outside the families (no path graph): ``forward(x, labels)`` returns the mean cross-entropy."""
+    """A model outside the families: ``forward(x, labels)`` returns the mean cross-entropy and the logits."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -257,13 +257,31 @@ def test_marian_task_loss_is_a_mean_under_gradient_accumulation(tmp_path):
     assert first_loss(2) == pytest.approx(first_loss(1), rel=1e-3)
 
 
-def test_model_without_path_graph_trains_and_skips_path_lengths(tmp_path):
-    trainer = LinearizePlainTrainer(model=mlp_classifier(hl.LinearizeConfig(prior_lambda=1.0, gate_lr=0.05)),
-                                    args=plain_args(tmp_path, max_steps=5), train_dataset=classification_data())
+class AuxiliaryClassifier(MLPClassifier):
+    """An MLP classifier plus a gated auxiliary branch that only the loss uses, not the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x, labels)
+        return {"loss": out["loss"] + self.aux(x).pow(2).mean(), "logits": out["logits"]}
+
+
+def test_site_off_the_path_graph_adds_nothing_to_the_logged_path_length(tmp_path):
+    """A gated site on no input-to-logits path (an auxiliary branch only the loss uses) adds 0: the logged APL is
+    the classifier's chain of two gated layers."""
+    torch.manual_seed(0)
+    example = {"x": torch.zeros(1, 8), "labels": torch.zeros(1, dtype=torch.long)}
+    model = hl.patch_model(AuxiliaryClassifier(), hl.LinearizeConfig(prior_lambda=1.0, gate_lr=0.05),
+                           example_inputs=example)
+    trainer = LinearizePlainTrainer(model=model, args=plain_args(tmp_path, max_steps=2, logging_steps=1),
+                                    train_dataset=classification_data())
     trainer.train()
-    logs = train_logs(trainer)
-    assert all(TRAINING_KEYS - {"linearize/apl_normalized", "linearize/apl_unnormalized"} <= set(e) for e in logs)
-    assert not any("linearize/apl_normalized" in entry for entry in trainer.state.log_history)
+    logged = [entry for entry in trainer.state.log_history if "linearize/apl_normalized" in entry]
+    assert logged and logged[-1]["linearize/apl_normalized"] == pytest.approx(hl.average_path_length(model))
+    assert hl.path_length_report(model)["layers"]["aux.1"]["calls"] == 0
 
 
 def test_plain_trainer_on_a_timm_model_with_compute_loss_func(tmp_path):
@@ -363,11 +381,6 @@ def test_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"differs from the model's patching settings in \['gate_init'\]"):
         LinearizeTrainer(model=tiny_marian(), args=training_args(tmp_path),
                          linearize_config=hl.LinearizeConfig(gate_init=0.5))
-    apl_budget = hl.LinearizeConfig(budget_target=1.0, budget_metric="normalized_apl")
-    trainer = LinearizePlainTrainer(model=mlp_classifier(apl_budget), args=plain_args(tmp_path, max_steps=2),
-                                    train_dataset=classification_data())
-    with pytest.raises(NotImplementedError, match="Path graph not supported"):
-        trainer.train()
     plain = tf.Seq2SeqTrainer(model=tiny_marian(), args=training_args(tmp_path / "plain", max_steps=2, save_steps=2,
                                                                        save_strategy="steps"),
                               train_dataset=translation_data())
@@ -375,6 +388,17 @@ def test_errors_say_what_to_do(tmp_path):
     trainer = marian_trainer(tmp_path / "plain", hl.LinearizeConfig(), max_steps=4)
     with pytest.raises(FileNotFoundError, match="was not written by a LinearizeTrainer"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_apl_budget_on_a_model_outside_the_families(tmp_path):
+    """Its path graph is traced from its forward pass: an APL budget trains, and path lengths are logged."""
+    apl_budget = hl.LinearizeConfig(budget_target=1.0, budget_metric="normalized_apl")
+    trainer = LinearizePlainTrainer(model=mlp_classifier(apl_budget),
+                                    args=plain_args(tmp_path, max_steps=2, logging_steps=1),
+                                    train_dataset=classification_data())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "linearize/apl_normalized" in entry]
+    assert logged and 0.0 <= logged[-1]["linearize/apl_normalized"] <= 2.0
 
 
 def test_linearize_config_override_is_used_and_recorded(tmp_path):

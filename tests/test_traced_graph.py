@@ -1,6 +1,7 @@
-"""Path graphs of real patched models: APL against hand-derived formulas for each family.
+"""Traced path graphs of real patched models: APL against hand-derived formulas and against the hand-built graphs
+of every family (`reference_graphs`).
 
-The formulas below are derived by hand from the graph conventions documented in `hf_linearize.graphs` and
+The formulas below are derived by hand from the graph conventions documented in `hf_linearize.traced_graph` and
 read only the gate values and the model's structure, never the builder. Notation: ``f`` is a gated layer's
 nonlinear fraction, ``w`` its width, ``d`` an attention layer's width (value channels).
 """
@@ -14,10 +15,13 @@ import pytest
 import torch
 import transformers as tf
 from conftest import FAMILY_CASES
+from reference_graphs import reference_graph
+from tiny_models import ALL, DECODER_LMS
 from torch import nn
 
 import hf_linearize as hl
-from hf_linearize.core_map import average_path_length, model_graph
+from hf_linearize.core_map import average_path_length, model_graph, path_length_report, unit_counts
+from hf_linearize.path_length import apl, node_contributions
 
 ENC_DEC = {"marian", "bart", "mbart", "m2m100", "pegasus", "fsmt", "t5", "t5_v1_1", "mt5"}
 ENCODER = {"bert", "timm_vit", "timm_deit", "timm_swiglu_vit", "timm_swin"}  # stacks of attention + FFN residuals
@@ -263,35 +267,51 @@ def test_excluded_ffn_counts_as_ungated():
         assert close(average_path_length(model, normalized, 1.0), average_path_length(fresh, normalized, 1.0))
 
 
-def test_unsupported_models():
+def test_any_module_and_partly_gated_cnns():
+    """A custom module and a conv stack get a graph; a CNN with ungated activations counts them as layers of 0
+    nonlinear units (+ cost): the same APL as the fully gated CNN with those units linear (cost 0) or nonlinear
+    (cost 1)."""
     class Custom(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+            self.fc, self.act, self.out = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(self.fc(x))
+            return self.out(self.act(self.fc(x))) + x[:, :2]  # a residual around the FFN
 
     model = hl.patch_model(Custom(), example_inputs=torch.randn(1, 4))
-    with pytest.raises(NotImplementedError, match=r"not supported yet for Custom; supported families: seq2seq_fc, t5"):
-        average_path_length(model)
-    conv = hl.patch_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), example_inputs=torch.randn(1, 3, 8, 8))
-    with pytest.raises(NotImplementedError, match="Conv2d at '0'"):
-        average_path_length(conv)
+    assert close(average_path_length(model), Fraction(1, 2))
+    assert close(average_path_length(model, normalized=False), Fraction(4, 5))
+    conv = hl.patch_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GELU()),
+                          example_inputs=torch.randn(1, 3, 8, 8))
+    assert average_path_length(conv) == 2.0
     with pytest.raises(ValueError, match="not patched"):
         average_path_length(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
 
-
-def test_partly_gated_cnn_and_sites_outside_the_graph():
     torch.manual_seed(0)
-    model, _ = FAMILY_CASES["timm_resnet"]()
-    hl.patch_model(model.eval(), hl.LinearizeConfig(exclude_modules=["act2"]))
-    with pytest.raises(NotImplementedError, match="partly gated CNN.*layer1.0.act2"):
-        average_path_length(model)
+    partly, _ = FAMILY_CASES["timm_resnet"]()
+    hl.patch_model(partly.eval(), hl.LinearizeConfig(exclude_modules=["act2"]))
+    full = patched("timm_resnet")
+    act2 = {n: 1.0 for n, _ in hl.gated_modules(full) if n.endswith("act2")}
+    assert act2 and not any(n.endswith("act2") for n, _ in hl.gated_modules(partly))
+    for normalized in (True, False):
+        assert close(average_path_length(partly, normalized, 1.0), average_path_length(full, normalized, 1.0))
+    hl.set_linear(full, act2)
+    for normalized in (True, False):
+        assert close(average_path_length(partly, normalized), average_path_length(full, normalized))
+
+
+def test_sites_off_the_path_add_nothing_and_bad_costs(caplog):
+    """A gated site on no input-to-output path (BERT's pooler: the main output is the last hidden state) is logged
+    once and adds 0; the report lists it with 0 calls."""
     bert, _ = FAMILY_CASES["bert"]()
     hl.patch_model(bert.eval(), hl.LinearizeConfig(target_modules=r".*(intermediate_act_fn|pooler\.activation)"))
-    with pytest.raises(NotImplementedError, match=r"\['pooler.activation'\] have no place in the 'bert' path graph"):
-        average_path_length(bert)
+    with caplog.at_level("WARNING", logger="hf_linearize.core_map"):
+        assert close(average_path_length(bert), Fraction(1))  # the two FFN branches, 1/2 each
+    assert "['pooler.activation'] lie on no path" in caplog.text
+    report = path_length_report(bert)
+    assert report["layers"]["pooler.activation"]["calls"] == 0
+    assert report["layers"]["pooler.activation"]["contribution_normalized"] == 0.0
     with pytest.raises(ValueError, match="ungated_cost"):
         average_path_length(patched("marian"), ungated_cost=-1.0)
 
@@ -303,4 +323,146 @@ def test_decoder_nodes_off_source_paths_are_left_out():
     assert "model.decoder.layers.0.self_attn" not in names and "model.decoder.layernorm_embedding" not in names
     assert "model.encoder.layernorm_embedding" in names
     cross = graph.names.index("model.decoder.layers.0.encoder_attn")
-    assert [graph.names[p] for p in graph.pred[cross]] == ["model.encoder.layers.1.activation_fn:norm"]
+    assert [graph.names[p] for p in graph.pred[cross]] == ["model.encoder.layers.1.final_layer_norm"]
+
+
+# --- the traced graph against the hand-built graph of every family ---------------------------------------
+def test_traced_graph_matches_the_hand_built_graph(family_case):
+    """Both APL forms and every gated layer's contributions, at 0%, 50% and 100% linear, with and without an
+    ungated cost, to 1e-9."""
+    case, model, inputs = family_case
+    hl.patch_model(model, example_inputs=inputs if case.startswith("torchvision") else None)
+    for fraction in (0.0, 0.5, 1.0):
+        if fraction:
+            hl.set_linear(model, fraction)
+        sites = unit_counts(model)
+        for cost in (0.0, 0.5):
+            traced, hand = model_graph(model, cost), reference_graph(model, sites, cost)
+            for normalized in (True, False):
+                assert math.isclose(apl(traced, normalized), apl(hand, normalized), rel_tol=1e-9, abs_tol=1e-12)
+                got, want = node_contributions(traced, normalized), node_contributions(hand, normalized)
+                for name in sites:
+                    assert math.isclose(got[name], want[name], rel_tol=1e-9, abs_tol=1e-12), (case, name)
+
+
+# --- every architecture that patches: hand-derived values on tiny configs ---------------------------------
+SEQUENTIAL = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "bloom", "deberta_v2",
+              "albert", "dinov2", "hf_swin", "distilbert", "hf_vit",
+              "timm_vit_swiglu"}
+"""A chain of residual sub-blocks (attention, FFN): the FFN branch is taken with 1/2 (normalized) or w/(w+1)."""
+PARALLEL = {"gptj": 2, "falcon": 2, "phi": 2, "gpt_neox": 3}
+"""Attention and FFN side by side on one residual: the stream forks into the skip and one shared norm (GPT-J,
+Falcon, Phi: the FFN gets 1/2 * 1/2) or two norms (GPT-NeoX: 1/3); unnormalized w / (1 + d + w), d = 16."""
+
+
+def _fraction(gate: nn.Module, model: nn.Module) -> Fraction:
+    limit = 1 - model._hf_linearize.config.linear_threshold
+    return Fraction(int((gate.alpha < limit).sum()), gate.channels)
+
+
+def _expected(case: str, model: nn.Module) -> tuple[Fraction, Fraction]:
+    gates = dict(hl.gated_modules(model))
+    f = {name: _fraction(gate, model) for name, gate in gates.items()}
+    w = {name: gate.channels for name, gate in gates.items()}
+    if case in SEQUENTIAL:
+        calls = 2 if case == "albert" else 1  # ALBERT: one layer (one gate) used at both depths
+        return (sum(calls * f[n] / 2 for n in gates),
+                sum(calls * Fraction(w[n], w[n] + 1) * f[n] for n in gates))
+    if case in PARALLEL:
+        return (sum(f[n] / (2 * PARALLEL[case]) if PARALLEL[case] == 2 else f[n] / 3 for n in gates),
+                sum(Fraction(w[n], 1 + 16 + w[n]) * f[n] for n in gates))
+    if case == "mixtral":  # 4 experts of 8 units behind the route node: 1/2 * 1/4 each; 8 / (1 + 4 * 8)
+        return sum(f[n] / 8 for n in gates), sum(Fraction(8, 33) * f[n] for n in gates)
+    if case == "qwen2_moe":  # the FFN norm forks into shared expert, route, shared-expert gate (1/3 each)
+        shared = {n for n in gates if "shared_expert" in n}
+        return (sum(f[n] / 6 if n in shared else f[n] / 24 for n in gates),
+                sum(Fraction(12 if n in shared else 8, 46) * f[n] for n in gates))
+    if case == "whisper":
+        enc = [(f[n], w[n]) for n in gates if ".encoder." in n]
+        dec = [(f[n], w[n]) for n in gates if ".decoder." in n]
+        return encoder_decoder(enc, dec, 16)
+    if case == "wav2vec2":  # conv feature extractor (a chain), positional conv on a residual, post-LN layers
+        chain = {n for n in gates if "feature_extractor" in n}
+        return (sum(f[n] if n in chain else f[n] / 2 for n in gates),
+                sum(f[n] if n in chain else Fraction(w[n], w[n] + 1) * f[n] for n in gates))
+    if case == "clip":  # the towers meet at the logits: 1/2 each, or by their unit paths 17*25 and 17*33
+        vision, text = (next(f[n] for n in gates if n.startswith(f"{tower}_model")) for tower in ("vision", "text"))
+        # each main input is a node: the towers get 1/2 each
+        return vision / 4 + text / 4, (Fraction(425, 986) * Fraction(24, 25) * vision
+                                       + Fraction(561, 986) * Fraction(32, 33) * text)
+    if case == "hf_convnext":  # branch [dwconv (dim linear units), norm, FFN]
+        dims = {n: model.get_submodule(n.rsplit(".", 1)[0]).dwconv.out_channels for n in gates}
+        return (sum(f[n] / 2 for n in gates),
+                sum(Fraction(dims[n] * w[n], dims[n] * w[n] + 1) * f[n] for n in gates))
+    assert case == "timm_regnet"
+    return _regnet(model, f, w)
+
+
+def _regnet(model: nn.Module, f: dict[str, Fraction], w: dict[str, int]) -> tuple[Fraction, Fraction]:
+    """Stem activation; per block a residual around [conv1 act, conv2 act, squeeze-excite side branch (se act,
+    sigmoid)] with an identity or projection shortcut (its output channels), then act3 on the stream."""
+    normalized = unnormalized = f["stem.bn.act"]
+    for stage in (model.s1, model.s2, model.s3, model.s4):
+        for block in stage.children():
+            p = next(n for n, m in model.named_modules() if m is block) + "."
+            a1, a2, se, a3 = (p + s for s in ("conv1.bn.act", "conv2.bn.act", "se.act", "act3"))
+            big_w = w[a1] * w[a2] * (w[se] + 1)
+            skip = 1 if isinstance(block.downsample, nn.Identity) else block.downsample.conv.out_channels
+            normalized += (f[a1] + f[a2] + f[se] / 2) / 2 + f[a3]
+            unnormalized += Fraction(big_w, big_w + skip) * (f[a1] + f[a2] + Fraction(w[se], w[se] + 1) * f[se])
+            unnormalized += f[a3]
+    return normalized, unnormalized
+
+
+@pytest.mark.parametrize("case", sorted(ALL))
+def test_every_architecture_has_a_path_graph(case):
+    """Fresh, first layer fully linear, random fractions: both forms equal the hand-derived value."""
+    torch.manual_seed(0)
+    model, inputs = ALL[case]()
+    hl.patch_model(model, example_inputs=inputs)
+    gates = [n for n, _ in hl.gated_modules(model)]
+    first = [n for n in gates if n.startswith(gates[0].rsplit(".", 3)[0])][:1] if case != "albert" else gates
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        if step == 1:
+            hl.set_linear(model, {n: 1.0 for n in first})
+        if step == 2:
+            hl.set_linear(model, {n: float(torch.rand((), generator=generator)) for n in gates})
+        normalized, unnormalized = _expected(case, model)
+        assert close(average_path_length(model), normalized, rel=1e-9), (case, step)
+        assert close(average_path_length(model, normalized=False), unnormalized, rel=1e-9), (case, step)
+    report = path_length_report(model)
+    assert set(report["layers"]) == set(gates)
+    assert math.isclose(report["normalized_apl"], float(normalized), rel_tol=1e-9)
+
+
+def test_moe_experts_are_parallel_branches_in_every_implementation():
+    """Fused (grouped_mm, batched_mm) and eager experts give the same graph: one route node forking into one layer
+    node per expert; the report lists every expert as a layer of its own."""
+    graphs = []
+    for implementation in ("grouped_mm", "batched_mm", "eager"):
+        torch.manual_seed(0)
+        model, inputs = ALL["mixtral"]()
+        model.config._experts_implementation = implementation
+        hl.patch_model(model, example_inputs=inputs)
+        hl.set_linear(model, {"model.layers.0.mlp.experts.act_fn.experts.2": 1.0})
+        graph = model_graph(model)
+        graphs.append((graph.names, [sorted(p) for p in graph.pred], apl(graph, True), apl(graph, False)))
+        route = graph.names.index("model.layers.0.mlp.experts.act_fn:route")
+        experts = [v for v in graph.succ[route]]
+        assert [graph.names[v] for v in experts] == [f"model.layers.0.mlp.experts.act_fn.experts.{e}" for e in range(4)]
+    assert graphs[0] == graphs[1] == graphs[2]
+    report = path_length_report(model)
+    assert report["layers"]["model.layers.0.mlp.experts.act_fn.experts.2"]["nonlinear"] == 0
+    assert report["layers"]["model.layers.0.mlp.experts.act_fn.experts.1"]["contribution_normalized"] == 1 / 8
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2"])
+def test_decoder_lm_graph_by_hand(case):
+    """2-layer LM: fresh, normalized APL 1 (two FFN branches of 1/2); layer 0 fully linear: 1/2."""
+    torch.manual_seed(0)
+    model, inputs = DECODER_LMS[case]()
+    hl.patch_model(model)
+    assert average_path_length(model) == 1.0
+    hl.set_linear(model, {n: 1.0 for n, _ in hl.gated_modules(model) if ".0." in n})
+    assert average_path_length(model) == 0.5

@@ -1,8 +1,10 @@
-"""Path graphs of the model families: each family's answer to "what is its path graph?".
+"""Hand-built path graphs of the model families: the reference the traced graphs
+(:mod:`hf_linearize.traced_graph`) are tested against.
 
-A builder reads a patched model plus the unit counts of its gated sites and returns a
-:class:`~hf_linearize.path_length.PathGraph`. Builders describe a model as a short list of *steps*
-(:class:`Layer` nodes and :class:`Residual` forks) and :func:`build` turns the steps into the graph.
+These builders were the library's path graphs before the graph was traced from the model's forward pass; they
+stay as an independent description of each family. A builder reads a patched model plus the unit counts of its
+gated sites and returns a :class:`~hf_linearize.path_length.PathGraph`. Builders describe a model as a short list
+of *steps* (:class:`Layer` nodes and :class:`Residual` forks) and :func:`build` turns the steps into the graph.
 
 Conventions shared by every family
 ----------------------------------
@@ -20,7 +22,8 @@ Conventions shared by every family
   the merge, not nodes of their own: each branch holds exactly the unit layers it computes.
 * **Ungated nonlinearities** are nodes with the constant cost ``ungated_cost`` (default 0): the softmax of
   every attention node; every LayerNorm/RMSNorm (``<sub-block>:norm`` nodes, on the branch for pre-LN, on
-  the stream after the merge for post-LN, embedding and final norms on the stream); max-pooling; the
+  the stream after the merge for post-LN, embedding and final norms on the stream; a norm inside a task head,
+  such as timm ConvNeXt's ``head.norm``, is part of the head and left out); max-pooling; the
   squeeze-excite sigmoid (``<se>:gate``); and a Transformer FFN activation that was excluded from gating
   (it keeps its layer node, with 0 nonlinear units). With the default cost 0, pre-LN and post-LN give the
   same APL.
@@ -42,8 +45,8 @@ The graph of each family
 * ``timm_transformer``: a ViT/DeiT/EVA/Swin block is two residual sub-blocks, ``[norm1, attn]`` and
   ``[norm2, mlp]`` (attention node ``attn.proj.in_features`` wide). A ConvNeXt block is one residual with
   the branch ``[conv_dw (linear, dim wide), norm, mlp]`` and an identity skip (projection shortcuts are
-  not supported yet). The norms of the stem, of patch merging / stage downsampling and of the head are
-  cost nodes on the stream.
+  not supported yet). The norms of the stem and of patch merging / stage downsampling are cost nodes on the
+  stream.
 * ``timm_cnn`` / ``torchvision_resnet``: the activations in module order form a chain. A ResNet
   BasicBlock/Bottleneck is a residual whose branch holds all its activations but the last; the skip is
   the identity or the downsample (a linear layer ``out_channels`` wide); the last activation follows the
@@ -65,8 +68,9 @@ from typing import Callable, Optional, Union
 
 from torch import nn
 
-from .gates import GatedActivation, SharedGatedActivation
-from .path_length import PathGraph
+from hf_linearize.families import find_family
+from hf_linearize.gates import GatedActivation, SharedGatedActivation
+from hf_linearize.path_length import PathGraph
 
 Sites = Mapping[str, tuple[int, int]]
 """Gated site name -> (units, nonlinear units)."""
@@ -302,7 +306,9 @@ def timm_transformer_graph(model: nn.Module, sites: Sites, ungated_cost: float) 
 
     def visit(module: nn.Module) -> list[Step]:
         steps: list[Step] = []
-        for child in module.children():
+        for child_name, child in module.named_children():
+            if module is model and child_name == "head":
+                continue
             if hasattr(child, "attn") and hasattr(child, "mlp"):
                 attn = _attention(names[child.attn], child.attn.proj.in_features, cost)
                 steps += [
@@ -410,3 +416,15 @@ def mlp_graph(model: nn.Module, sites: Sites, ungated_cost: float) -> PathGraph:
                 "(a plain MLP is an nn.Sequential of Linear layers and activations)"
             )
     return build(steps)
+
+
+REFERENCE: dict[str, GraphBuilder] = {
+    "seq2seq_fc": seq2seq_fc_graph, "t5": t5_graph, "bert": bert_graph, "distilbert": distilbert_graph,
+    "hf_vit": hf_vit_graph, "timm_transformer": timm_transformer_graph, "timm_cnn": cnn_graph,
+    "torchvision_resnet": cnn_graph, "generic": mlp_graph,
+}
+
+
+def reference_graph(model: nn.Module, sites: Sites, ungated_cost: float) -> PathGraph:
+    """The hand-built graph of a patched model of one of the families."""
+    return REFERENCE[find_family(model).name](model, sites, ungated_cost)
