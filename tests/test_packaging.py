@@ -61,3 +61,32 @@ def test_the_unpacked_wheel_imports_on_its_own(wheel, tmp_path):
     done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+IMPORT_NAMES = {"pyyaml": "yaml"}
+"""Distributions whose import name differs from their name."""
+USED_BY_LIBRARIES = {
+    "torchvision": "timm imports it (and torchvision's ResNet is a supported family)",
+    "sentencepiece": "the tokenizers of pretrained Marian/T5 checkpoints load through it",
+    "jinja2": "huggingface_hub.ModelCard.from_template renders the model cards with it",
+}
+"""Declared dependencies the package never imports itself, and why they are declared."""
+
+
+def test_every_declared_dependency_is_used():
+    """No dependency is declared for nothing (``evaluate`` was: its ``evaluate.load`` needs the Hub, so BLEU/chrF
+    come from sacrebleu directly)."""
+    import re
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    sources = "\n".join(p.read_text() for folder in ("hf_linearize", "recipes", "benchmarks")
+                        for p in (ROOT / folder).rglob("*.py"))
+    unused = []
+    for requirement in declared:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        if name not in USED_BY_LIBRARIES and not re.search(rf"^\s*(import|from) {module}\b", sources, re.M):
+            unused.append(name)
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"
+
