@@ -117,20 +117,19 @@ class TracedStructure:
 
     def graph(self, sites: Sites, ungated_cost: float) -> PathGraph:
         """The :class:`PathGraph` with the nonlinear counts ``sites`` (by name; sites off every path are left out)."""
-        graph = PathGraph()
-        ids = {0: graph.input}
-        for i, node in enumerate(self.nodes[1:], start=1):
+        graph = PathGraph()  # its node ids are the indices of self.nodes: the input is node 0, the rest in order
+        for node in self.nodes[1:]:
             cost = ungated_cost if node.cost else 0.0
             if node.site is not None:
                 units, nonlinear = sites[node.site]
-                ids[i] = graph.add_layer(node.name, units, nonlinear, cost)
+                graph.add_layer(node.name, units, nonlinear, cost)
             elif node.layer and node.width > 1:
-                ids[i] = graph.add_layer(node.name, node.width, 0, cost)
+                graph.add_layer(node.name, node.width, 0, cost)
             else:
-                ids[i] = graph.add_node(node.name, cost)
+                graph.add_node(node.name, cost)
         for u, v in sorted(self.edges, key=lambda e: (e[1], e[0])):
-            graph.add_edge(ids[u], ids[v])
-        graph.set_output(ids[self.output])
+            graph.add_edge(u, v)
+        graph.set_output(self.output)
         return graph
 
 
@@ -171,9 +170,8 @@ def _path_inputs(inputs: Any) -> dict[str, torch.Tensor]:
 class _Builder:
     """One pass over the record, in call order, assigning each path value the set of nodes it depends on linearly."""
 
-    def __init__(self, model: nn.Module, graph: dataflow.ModelGraph, modules: Mapping[str, nn.Module]) -> None:
-        self.model, self.graph, self.modules = model, graph, modules
-        self.names = {module: name for name, module in modules.items()}
+    def __init__(self, graph: dataflow.ModelGraph, modules: Mapping[str, nn.Module]) -> None:
+        self.graph, self.modules = graph, modules
         self.structure = TracedStructure([_Node("input")])
         self.src: dict[dataflow.Key, frozenset[int]] = {}
         self.used_names: dict[str, int] = {}
@@ -484,7 +482,7 @@ def trace_structure(model: nn.Module, inputs: Any) -> TracedStructure:
         model.train(was_training)
     data = {name: dataflow._key(t) for name, t in _path_inputs(inputs).items()}
     output = dataflow._key(main_output(graph.output))
-    return _Builder(model, graph, modules).run(data, output)
+    return _Builder(graph, modules).run(data, output)
 
 
 def probe_inputs(model: nn.Module, spec: Optional[Mapping[str, Any]]) -> Any:
