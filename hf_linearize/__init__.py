@@ -22,6 +22,7 @@ from .core_map import (
 from .folding import FoldReport, fold, fold_report
 from .gates import ExpertGatedActivation, GatedActivation, SharedGatedActivation
 from .hub import HubPushError, LinearizedCheckpointError, from_pretrained, push_to_hub, save_pretrained
+from .hub_results import push_results
 from .patching import (
     GateSummary,
     SiteLayout,
@@ -74,6 +75,7 @@ __all__ = [
     "patch_model",
     "path_length_report",
     "plot_core_map",
+    "push_results",
     "push_to_hub",
     "save_pretrained",
     "save_report_json",

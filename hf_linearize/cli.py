@@ -1,4 +1,4 @@
-"""The ``hf-linearize`` command: inspect saved linearized checkpoints."""
+"""The ``hf-linearize`` command: inspect saved linearized checkpoints; push a finished sweep to the Hub."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from typing import Optional, Sequence
 
 from .core_map import path_length_report, plot_core_map
-from .hub import from_pretrained
+from .hub import HubPushError, from_pretrained
+from .hub_results import push_results
 from .patching import summary
 
 
@@ -33,6 +34,13 @@ def _summary(args: argparse.Namespace) -> None:
     print(summary(from_pretrained(args.path, revision=args.revision)))
 
 
+def _push_results(args: argparse.Namespace) -> None:
+    pushed = push_results(args.directory, args.repo_id, push_checkpoints=args.push_checkpoints, private=args.private)
+    print(f"pushed {args.directory} to dataset {args.repo_id}: {pushed.dataset_commit_url}")
+    for run, repo in pushed.model_repos.items():
+        print(f"  {run}: model {repo}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-linearize", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,10 +54,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for command in (apl, gates):
         command.add_argument("path", help="checkpoint directory or Hub repo id")
         command.add_argument("--revision", default=None, help="Hub branch or commit")
+    results = commands.add_parser("push-results", help="push a finished sweep folder (results.json, plots) to a Hub "
+                                  "dataset repo")
+    results.add_argument("directory", help="the sweep's output_dir, holding results.json")
+    results.add_argument("repo_id", help="dataset repo, e.g. me/multi30k-sweep (created when missing)")
+    results.add_argument("--push_checkpoints", action="store_true", help="also push each run's final/ to the model "
+                         "repo REPO_ID-RUN, linked from the table")
+    results.add_argument("--private", action="store_true", default=None, help="create missing repos as private")
+    results.set_defaults(run=_push_results)
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, NotImplementedError, OSError) as error:
+    except (ValueError, NotImplementedError, OSError, HubPushError) as error:
         print(f"hf-linearize: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -20,8 +20,6 @@ import torch
 import transformers.activations as hf_act
 from torch import nn
 
-from .gates import GateKind
-
 Selector = Union[str, list[str], None]
 
 # Activation types gated when no explicit target is given. Saturating "gates" (sigmoid, tanh, hard-sigmoid),

@@ -112,7 +112,6 @@ from .probe_inputs import (
     _shapes,
     default_example_inputs,
     inputs_from_spec,
-    main_output,
 )
 
 Projection = Union[nn.Linear, nn.modules.conv._ConvNd]

@@ -3,8 +3,11 @@
 A checkpoint directory holds:
 
 ==========================  ==============================================================================
-``config.json``             the base model's own config (transformers), or timm's ``config.json`` with
-                            ``architecture`` and ``model_args`` (as ``timm.models.push_to_hf_hub`` writes it)
+``config.json``             the base model's own config (transformers; ``id2label``/``label2id`` when
+                            ``label_names`` are given), or timm's ``config.json`` with ``architecture``,
+                            ``model_args``, ``label_names`` and the ``pretrained_cfg`` preprocessing (input size,
+                            crop, mean/std, interpolation: ``data_config``), as ``timm.models.push_to_hf_hub``
+                            writes it
 ``linearize_config.json``   format version, library version, backend, family, ``LinearizeConfig``, the gated
                             sites, the probe input's spec (``probe``: names, shapes, dtypes, no data; loading
                             probes with it), and the gate summary and path lengths measured on the saved model; for a
@@ -14,6 +17,7 @@ A checkpoint directory holds:
                             model (``model.state_dict()``); or ``model-0000i-of-0000n.safetensors`` shards and
                             ``model.safetensors.index.json`` when it exceeds ``max_shard_size``
 ``README.md``               the model card (YAML metadata + prose), from ``model_cards/linearized_model.md``
+``generation_config.json``  a generating transformers model's decoding settings (``model.generation_config``)
 tokenizer / processor       when given
 ==========================  ==============================================================================
 
@@ -36,20 +40,22 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import huggingface_hub
 import safetensors
 import timm
 import torch
 import transformers
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from timm.data.model_config import resolve_input_data_config
 from torch import nn
 
 from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
+from .model_index import eval_results
 from .patching import gated_modules, patch_model, patch_state, summary
 from .probe_inputs import _model_name, inputs_from_spec, timm_input_size
 
@@ -62,6 +68,10 @@ CARD_TEMPLATE = importlib.resources.files("hf_linearize.model_cards") / "lineari
 NOT_FOLDED_FORMS = ("unchanged", "gated")
 """Fold forms (:class:`~hf_linearize.folding.SiteFold`) of a site whose units were not merged: no unit linear, or
 its FFN cannot fold (``fold_report`` says why). A folded checkpoint where every site has one says "no FFN folded"."""
+
+TIMM_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+"""The preprocessing a timm checkpoint records (``data_config``): what ``timm.data.resolve_model_data_config`` returns
+and ``timm.data.create_transform`` takes."""
 
 PathLike = Union[str, os.PathLike]
 
@@ -141,13 +151,18 @@ def render_model_card(
     language: Union[str, list[str], None] = None,
     model_name: str = "linearized-model",
     load_from: str = "path/to/checkpoint",
+    dataset_config: Optional[str] = None,
+    dataset_split: Optional[str] = None,
+    results_dataset: Optional[str] = None,
 ) -> ModelCard:
     """The model card: YAML metadata (``base_model``, ``tags``, ``model-index``, ``path_length``) and prose.
 
     ``metadata`` is :func:`checkpoint_metadata`'s result; ``metrics`` maps a metric name (``bleu``, ``chrf``,
-    ``accuracy``) to a value measured on ``dataset``. ``load_from`` is what the card's usage snippet passes to
-    ``from_pretrained``: the Hub repo id when pushed, the directory when saved. ``base_model`` is linked to the Hub
-    only when it is not a local folder.
+    ``accuracy``) to a value measured on ``dataset`` (its ``dataset_config`` and ``dataset_split``). The
+    ``model-index`` (:func:`~hf_linearize.model_index.eval_results`) lists them and the path-length figures.
+    ``load_from`` is what the card's usage snippet passes to ``from_pretrained``: the Hub repo id when pushed, the
+    directory when saved. ``base_model`` is linked to the Hub only when it is not a local folder;
+    ``results_dataset``, a Hub dataset repo id, is linked as the sweep this model is a run of.
     """
     config = metadata["linearize_config"]
     fold = metadata.get("fold") or {}
@@ -164,11 +179,6 @@ def render_model_card(
         "prior": {k: config[k] for k in ("prior_lambda", "prior_start", "prior_warmup", "freeze_gates_after",
                                          "budget_target", "budget_metric", "linear_threshold")},
     }
-    eval_results = [
-        EvalResult(task_type=task, dataset_type=dataset or "custom", dataset_name=dataset or "custom",
-                   metric_type=name, metric_value=float(value))
-        for name, value in (metrics or {}).items()
-    ] or None
     base_model_on_hub = bool(base_model) and not Path(base_model).exists()
     card_data = ModelCardData(
         base_model=base_model if base_model_on_hub else None,
@@ -178,7 +188,8 @@ def render_model_card(
         datasets=[dataset] if dataset else None,
         language=language,
         model_name=model_name,
-        eval_results=eval_results,
+        eval_results=eval_results(task, dataset, metrics, path_length, dataset_config=dataset_config,
+                                  dataset_split=dataset_split),
         path_length=path_length,
     )
     return ModelCard.from_template(
@@ -188,6 +199,8 @@ def render_model_card(
         base_model=base_model,
         base_model_on_hub=base_model_on_hub,
         load_from=load_from,
+        results_dataset=results_dataset,
+        dataset_split=dataset_split,
         metrics=dict(metrics or {}),
         dataset=dataset,
         pl=path_length,
@@ -206,6 +219,8 @@ def save_pretrained(
     *,
     tokenizer: Any = None,
     model_args: Optional[dict[str, Any]] = None,
+    data_config: Optional[Mapping[str, Any]] = None,
+    label_names: Optional[Sequence[str]] = None,
     max_shard_size: Union[int, str] = "50GB",
     verify: bool = True,
     **card_kwargs: Any,
@@ -222,6 +237,12 @@ def save_pretrained(
         model: a patched (or folded) transformers or timm model.
         tokenizer: a tokenizer or image processor to save alongside (anything with ``save_pretrained``).
         model_args: timm only: serialisable replacements for constructor arguments timm cannot record.
+        data_config: timm only: the preprocessing the model was trained and evaluated with, as
+            ``timm.data.resolve_model_data_config`` returns it (keys among :data:`TIMM_DATA_KEYS`); written to
+            ``config.json``'s ``pretrained_cfg``, so that ``resolve_model_data_config(from_pretrained(dir))`` gives
+            it back. Keys left out keep the model's own (``input_size``: the model as built).
+        label_names: the class names, index = class id: timm's ``label_names``, or a transformers model's
+            ``id2label``/``label2id`` in ``config.json``. One name per output class.
         max_shard_size: largest weights file (bytes, or a string such as ``"5GB"``); larger models are split into
             shards with an index, as transformers does.
         verify: load the written checkpoint with :func:`from_pretrained` and check that every tensor (gates
@@ -231,15 +252,18 @@ def save_pretrained(
 
     Raises:
         TypeError: neither a transformers nor a timm model.
-        ValueError: an unpatched model.
+        ValueError: an unpatched model; ``data_config`` for a transformers model or with unknown keys;
+            ``label_names`` of another length than the model's classes.
         LinearizedCheckpointError: the model cannot be rebuilt by :func:`from_pretrained` (a class transformers
-            does not export, a timm feature-extraction wrapper), or the written checkpoint does not read back
-            exactly; nothing is written to ``save_directory`` then.
+            does not export, a timm feature-extraction wrapper), the written checkpoint does not read back
+            exactly, or timm does not resolve ``data_config`` back from it; nothing is written to
+            ``save_directory`` then.
     """
     metadata = checkpoint_metadata(model)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise LinearizedCheckpointError(f"{directory} is a file; pass a folder (new, or one to overwrite).")
+    _check_description(model, metadata["backend"], data_config, label_names)
     if metadata["backend"] == "transformers":
         _check_transformers_class(model, directory)
     staging = _existing_ancestor(directory) / f".{directory.name}.{uuid.uuid4().hex[:12]}.partial"
@@ -247,9 +271,9 @@ def save_pretrained(
     try:
         with torch.random.fork_rng(devices=[]):  # rebuilding the model draws fresh weights: keep the caller's RNG
             if metadata["backend"] == "transformers":
-                _save_transformers(model, staging, max_shard_size)
+                _save_transformers(model, staging, label_names, max_shard_size)
             else:
-                _save_timm(model, staging, directory, model_args, max_shard_size)
+                _save_timm(model, staging, directory, model_args, data_config, label_names, max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / LINEARIZE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -263,11 +287,37 @@ def save_pretrained(
     return directory
 
 
-def _save_transformers(model: nn.Module, staging: Path, max_shard_size: Union[int, str]) -> None:
-    """``model.save_pretrained`` under the model's own names, every tensor included: the keys a class leaves out
-    on save (``_keys_to_ignore_on_save``, e.g. Marian's sinusoidal positions, which transformers recomputes on load)
-    are written too, since a model loaded with ``from_pretrained`` may have changed them (they are trainable then)
-    and the checkpoint must give back the model as it is."""
+def _check_description(model: nn.Module, backend_name: str, data_config: Optional[Mapping[str, Any]],
+                       label_names: Optional[Sequence[str]]) -> None:
+    """Raise ``ValueError`` naming the fix when ``data_config`` or ``label_names`` cannot describe ``model``."""
+    if data_config is not None:
+        if backend_name != "timm":
+            raise ValueError(f"data_config records timm preprocessing, and {_model_name(model)} is a transformers "
+                             "model; save its image processor with tokenizer= instead.")
+        unknown = sorted(set(data_config) - set(TIMM_DATA_KEYS))
+        if unknown:
+            raise ValueError(f"data_config has keys {unknown} that a checkpoint does not record; pass only "
+                             f"{list(TIMM_DATA_KEYS)} (what timm.data.resolve_model_data_config returns).")
+        try:
+            resolve_input_data_config(model, args=dict(data_config))
+        except ValueError as error:
+            raise ValueError(f"data_config does not fit {_model_name(model)} as built: {error} Pass the preprocessing "
+                             "the model was trained with, e.g. timm.data.resolve_model_data_config(model, args=...); "
+                             "for another image size build the model for it (img_size=...).") from error
+    if label_names is not None:
+        classes = model.num_classes if backend_name == "timm" else model.config.num_labels
+        if len(label_names) != classes:
+            raise ValueError(f"label_names has {len(label_names)} names, but {_model_name(model)} has {classes} "
+                             "output classes; pass one name per class, in class-id order.")
+
+
+def _save_transformers(model: nn.Module, staging: Path, label_names: Optional[Sequence[str]],
+                       max_shard_size: Union[int, str]) -> None:
+    """``model.save_pretrained`` under the model's own names, every tensor included, and the generation config of a
+    generating model; ``label_names`` become ``config.json``'s ``id2label``/``label2id`` (``model.config`` is left
+    as it is). The keys a class leaves out on save (``_keys_to_ignore_on_save``, e.g. Marian's sinusoidal positions,
+    which transformers recomputes on load) are written too, since a model loaded with ``from_pretrained`` may have
+    changed them (they are trainable then) and the checkpoint must give back the model as it is."""
     ignored = model.__dict__.get("_keys_to_ignore_on_save", _NOT_SET)
     model._keys_to_ignore_on_save = None
     try:
@@ -277,6 +327,12 @@ def _save_transformers(model: nn.Module, staging: Path, max_shard_size: Union[in
             del model._keys_to_ignore_on_save
         else:
             model._keys_to_ignore_on_save = ignored
+    if label_names is not None:
+        config_file = staging / transformers.utils.CONFIG_NAME
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["id2label"] = {str(i): name for i, name in enumerate(label_names)}
+        config["label2id"] = {name: i for i, name in enumerate(label_names)}
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 _NOT_SET = object()
@@ -310,27 +366,42 @@ def _check_transformers_class(model: nn.Module, directory: Path) -> None:
 
 
 def _save_timm(model: nn.Module, staging: Path, directory: Path, model_args: Optional[dict[str, Any]],
+               data_config: Optional[Mapping[str, Any]], label_names: Optional[Sequence[str]],
                max_shard_size: Union[int, str]) -> None:
-    """timm's ``config.json`` (with the input the model was built for), checked to rebuild ``type(model)``, then
-    the weights (sharded beyond ``max_shard_size``)."""
+    """timm's ``config.json`` (the preprocessing of ``data_config``, by default the input the model was built for;
+    the ``label_names``), checked to rebuild ``type(model)`` and to resolve ``data_config`` back, then the weights
+    (sharded beyond ``max_shard_size``)."""
     from timm.models._hub import save_config_for_hf
 
     fix = ("Build the model as timm.create_model returns it (no features_only=True wrapper) from JSON-serialisable "
            "arguments (e.g. act_layer='silu', not a class), or pass such replacements as model_args=; else save "
            "model.state_dict() with torch.save.")
+    # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
+    recorded = {"input_size": timm_input_size(model), **(data_config or {})}
     try:
-        # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
-        save_config_for_hf(model, str(staging / "config.json"), model_args=model_args,
-                           data_config={"input_size": timm_input_size(model)})
-        rebuilt = type(_build_timm_model(staging, device="meta"))
+        save_config_for_hf(model, str(staging / "config.json"), model_args=model_args, data_config=recorded,
+                           model_config={"label_names": list(label_names)} if label_names is not None else None)
+        rebuilt = _build_timm_model(staging, device="meta")
     except Exception as error:  # timm's exporter and factory raise anything from AttributeError to AssertionError
         raise _unsaveable(model, directory, f"timm cannot record or replay how to build it ({type(error).__name__}: "
                                             f"{error})", fix) from error
-    if rebuilt is not type(model):
-        raise _unsaveable(model, directory, f"from_pretrained would rebuild it as {rebuilt.__name__} with "
+    if type(rebuilt) is not type(model):
+        raise _unsaveable(model, directory, f"from_pretrained would rebuild it as {type(rebuilt).__name__} with "
                                             "timm.create_model(architecture, **model_args) from config.json", fix)
+    resolved = timm.data.resolve_model_data_config(rebuilt)
+    differ = {k: (v, resolved.get(k)) for k, v in recorded.items() if _plain(v) != _plain(resolved.get(k))}
+    if differ:
+        raise _unsaveable(model, directory, "timm resolves another preprocessing from the written config.json "
+                                            f"(key: (given, resolved) {differ})",
+                          "Please report this with the model and data_config; saving without data_config records "
+                          "the input of the model as built.")
     huggingface_hub.save_torch_state_dict(model.state_dict(), staging, max_shard_size=max_shard_size,
                                           metadata={"format": "pt"})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, as JSON gives them back."""
+    return json.loads(json.dumps(value))
 
 
 def _verify_round_trip(model: nn.Module, staging: Path, directory: Path) -> None:

@@ -3,7 +3,9 @@ accuracy next to the surviving nonlinearity.
 
     accelerate launch recipes/classify_images.py --config recipes/configs/mnist_resnet.yaml [--flag value ...]
 
-Outputs in ``output_dir``: the linearized timm checkpoint with its model card (``final/``), ``results.json``,
+Outputs in ``output_dir``: the linearized timm checkpoint with its model card (``final/``; its ``config.json``
+records the evaluation preprocessing and the class names, so timm's ``resolve_model_data_config`` and
+``create_transform`` on the loaded model rebuild the evaluation transform), ``results.json``,
 ``plots/{training_curves,core_map,confusion_matrix}.png``.
 """
 
@@ -47,7 +49,7 @@ from hf_linearize.vision.models import (
     create_classifier,
     parse_kwargs,
 )
-from hf_linearize.vision.transforms import image_transforms, with_transform
+from hf_linearize.vision.transforms import data_config, image_transforms, with_transform
 
 logger = logging.getLogger("classify_images")
 
@@ -190,11 +192,14 @@ def main() -> None:
                     task="image-classification", model_name=output_dir.name,
                     dataset=Path(data_args.train_dir).name if data_args.train_dir else data_args.dataset_name,
                     base_model=final_model.pretrained_cfg.get("hf_hub_id") if model_args.pretrained else None)
+        # self-describing: timm's resolve_model_data_config + create_transform on the checkpoint give eval_transform
+        described = dict(data_config=data_config(final_model, data_args.image_size, data_args.crop_pct),
+                         label_names=class_names)
         if training.push_to_hub:  # saves output_dir/final, then uploads it with its card
             hl.push_to_hub(final_model, training.hub_model_id or output_dir.name, save_directory=output_dir / "final",
-                           token=training.hub_token, private=training.hub_private_repo, **card)
+                           token=training.hub_token, private=training.hub_private_repo, **described, **card)
         else:
-            hl.save_pretrained(final_model, output_dir / "final", **card)
+            hl.save_pretrained(final_model, output_dir / "final", **described, **card)
         plots = output_dir / "plots"
         plot_confusion_matrix(matrix, class_names, plots / "confusion_matrix.png",
                               title=f"{model_args.model_name} on {headline_split}")

@@ -3,7 +3,8 @@
     python recipes/sweep.py --config recipes/configs/sweeps/multi30k.yaml [--dry_run] [--output_dir DIR]
         [--budgets 0.2 0.05] [--lambdas 0.1] [--schedules late one_shot] [--one_shot_methods affine]
         [--baseline_run DIR] [--report_only]
-        [--launcher "accelerate launch --num_processes 2"] [-- --recipe_flag value ...]
+        [--launcher "accelerate launch --num_processes 2"] [--push_to_hub REPO_ID [--push_checkpoints]]
+        [-- --recipe_flag value ...]
     python recipes/sweep.py --compare SWEEP.yaml OTHER.yaml ... --output_dir DIR    # several sweeps, one table
 
 The sweep YAML names the recipe (``translate`` or ``classify``), its base config, the task and model labels (and an
@@ -35,12 +36,17 @@ them) and ``core_maps.png`` into ``output_dir``.
 
 ``--compare`` puts the finished runs of several sweeps of one task (e.g. one that adds an arm to another's
 baseline) into one table and one pair of plots; see `compare`.
+
+``--push_to_hub REPO_ID`` then pushes the tables and plots of a sweep whose runs all finished to a Hub dataset repo
+(``--push_checkpoints``: each run's ``final/`` to a model repo too); see `hf_linearize.hub_results.push_results`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -51,6 +57,8 @@ from typing import Any, Optional, Sequence
 
 from hf_linearize.arguments import load_yaml
 from hf_linearize.config import BUDGET_METRICS
+from hf_linearize.hub import HubPushError
+from hf_linearize.hub_results import push_results
 from hf_linearize.sweep_report import metric_column, plot_core_maps, plot_quality_vs_apl, result_row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,9 +361,17 @@ def print_plan(sweep: Sweep, runs: Sequence[Run], launcher: Optional[str], extra
         print("  " + shlex.join(recipe_command(sweep, run, launcher, extra)))
 
 
+def hardware() -> str:
+    """What this machine runs the recipes on, for ``sweep_run.json``: CPU cores and architecture, GPUs."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), " + (", ".join(gpus) if gpus else "no GPU")
+
+
 def execute(sweep: Sweep, run: Run, launcher: Optional[str], extra: Sequence[str]) -> bool:
-    """Run the recipe for ``run`` (output to ``run.directory/log.txt``); on success record its command and wall
-    time in ``sweep_run.json``. Returns whether it finished with a ``results.json``."""
+    """Run the recipe for ``run`` (output to ``run.directory/log.txt``); on success record its command, wall
+    time and :func:`hardware` in ``sweep_run.json``. Returns whether it finished with a ``results.json``."""
     command = recipe_command(sweep, run, launcher, extra)
     run.directory.mkdir(parents=True, exist_ok=True)
     log = run.directory / "log.txt"
@@ -368,7 +384,8 @@ def execute(sweep: Sweep, run: Run, launcher: Optional[str], extra: Sequence[str
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
         print(f"[sweep] {run.name} FAILED (exit {returncode}) after {wall:.0f} s; log {log}:\n{tail}", flush=True)
         return False
-    record = {"command": command, "wall_s": wall, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {"command": command, "wall_s": wall, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "hardware": hardware()}
     (run.directory / "sweep_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"[sweep] {run.name} done in {wall:.0f} s", flush=True)
     return True
@@ -494,7 +511,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
                         "run nothing")
     parser.add_argument("--report_only", action="store_true", help="write the tables and plots of the finished "
                         "runs; run nothing (e.g. after running the grid in slices)")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="after the sweep, push results.csv's rows "
+                        "(Parquet), the plots and a dataset card to this Hub dataset repo")
+    parser.add_argument("--push_checkpoints", action="store_true", help="with --push_to_hub: also push each run's "
+                        "final/ to the model repo REPO_ID-RUN")
     args = parser.parse_args(argv)
+    if args.push_checkpoints and not args.push_to_hub:
+        parser.error("--push_checkpoints needs --push_to_hub REPO_ID, the dataset repo the models link to.")
+    if args.push_to_hub and not args.config:
+        parser.error("--push_to_hub pushes one sweep: give --config SWEEP.yaml (for a --compare folder use "
+                     "hf-linearize push-results DIR REPO_ID).")
     if bool(args.config) == bool(args.compare):
         parser.error("give either --config SWEEP.yaml (run or report one sweep) or --compare A.yaml B.yaml ... "
                      "--output_dir DIR (several sweeps in one table).")
@@ -536,8 +562,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rows:
         report(sweep, rows)
     if failed:
-        print(f"[sweep] {len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the sweep to retry them.")
+        print(f"[sweep] {len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the sweep to retry them"
+              f"{' (nothing was pushed to the Hub)' if args.push_to_hub else ''}.")
         return 1
+    if args.push_to_hub and rows:
+        try:
+            pushed = push_results(sweep.output_dir, args.push_to_hub, push_checkpoints=args.push_checkpoints)
+        except HubPushError as error:
+            print(f"[sweep] {error}")
+            return 1
+        print(f"[sweep] pushed to dataset {args.push_to_hub}: {pushed.dataset_commit_url}")
     return 0
 
 

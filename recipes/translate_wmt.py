@@ -2,7 +2,8 @@
 
     accelerate launch recipes/translate_wmt.py --config recipes/configs/demo.yaml [--flag value ...]
 
-Outputs in ``output_dir``: the linearized checkpoint (``final/``), ``results.json``, ``plots/*.png``,
+Outputs in ``output_dir``: the linearized checkpoint (``final/``, its ``generation_config.json`` holding the decoding
+settings the recipe translated with), ``results.json``, ``plots/*.png``,
 ``translations/{validation,test}.txt`` and the model card (``final/README.md``); with ``--fold true`` also the
 folded checkpoint (``final_folded/``) and its comparison with the gated model (``results.json`` ``folded``).
 """
@@ -153,18 +154,25 @@ def tokenize(corpus: datasets.DatasetDict, tokenizer, model_args: ModelArguments
         return corpus.map(encode, batched=True, remove_columns=["source", "target"], desc="Tokenizing")
 
 
-def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer,
-              evaluation: EvalArguments) -> tuple[list[str], int]:
-    """Beam-search translations of ``dataset`` (all ranks take part and get all outputs), and how many of them
-    stopped at ``max_new_tokens`` instead of at end-of-sentence.
+def set_decoding(model, evaluation: EvalArguments) -> None:
+    """Put the recipe's decoding settings into ``model.generation_config``: the recipe translates with them (beam
+    ``num_beams``, at most ``max_new_tokens``, the model's own length penalty), and the saved checkpoint's
+    ``generation_config.json`` records them, so ``model.generate(**tokenizer(sources, padding=True, ...))`` on it
+    translates as the recipe did.
 
-    The limits go into the model's generation config, not into ``predict``'s keyword arguments: after its first
+    The limit is ``max_length = max_new_tokens + 1`` (an encoder-decoder's ``max_length`` counts the decoder start
+    token), not ``max_new_tokens``, and lives in the config, not in ``predict``'s keyword arguments: after its first
     batch ``Seq2SeqTrainer`` fills unset config fields with defaults (``max_length`` 20), and a ``max_new_tokens``
-    passed next to that would clash with it. An encoder-decoder's ``max_length`` counts the decoder start token.
+    next to that would clash with it.
     """
-    generation = trainer.model.generation_config
+    generation = model.generation_config
     generation.num_beams, generation.max_length = evaluation.num_beams, evaluation.max_new_tokens + 1
     generation.max_new_tokens = None
+
+
+def translate(trainer: hl.LinearizeTrainer, dataset: datasets.Dataset, tokenizer) -> tuple[list[str], int]:
+    """Translations of ``dataset`` with the model's generation config (:func:`set_decoding`; all ranks take part and
+    get all outputs), and how many of them stopped at the length limit instead of at end-of-sentence."""
     output = trainer.predict(dataset)
     # Under DDP, even batches repeat samples from the start of the dataset at the end; drop them.
     ids = torch.as_tensor(output.predictions)[: len(dataset)]
@@ -181,7 +189,7 @@ def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Pat
     for split in evaluation.score_splits.split(","):
         if split not in corpus:
             continue
-        hypotheses, truncated = translate(trainer, encoded[split], tokenizer, evaluation)
+        hypotheses, truncated = translate(trainer, encoded[split], tokenizer)
         results[split] = {**translation_scores(hypotheses, corpus[split]["target"]), "hit_max_new_tokens": truncated}
         if out_dir is not None and trainer.is_world_process_zero():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,8 +200,8 @@ def score(trainer, corpus, encoded, tokenizer, evaluation, out_dir: Optional[Pat
 
 def compare_folded(gated, folded, corpus, encoded, tokenizer, batch_size: int) -> dict[str, Any]:
     """The test (else validation) split translated by the gated and by the folded model, batch by batch with the two
-    alternating (each with the generation settings ``translate`` left in its config): each one's generate time, the
-    speed-up, the fraction of identical translations, and the folded model's BLEU/chrF."""
+    alternating (each with the decoding settings :func:`set_decoding` put in its config): each one's generate time,
+    the speed-up, the fraction of identical translations, and the folded model's BLEU/chrF."""
     split = "test" if "test" in encoded else "validation"
     hypotheses: dict[str, list[str]] = {"gated": [], "folded": []}
     seconds = {"gated": 0.0, "folded": 0.0}
@@ -220,6 +228,7 @@ def main() -> None:
     linearize_config = lin_args.to_config()
     corpus = load_corpus(data_args)
     model, tokenizer = build_model(model_args, corpus, training)
+    set_decoding(model, eval_args)
     linearize_config = patch_for_training(model, linearize_config)
     encoded = tokenize(corpus, tokenizer, model_args, data_args, training)
     trainer = hl.LinearizeTrainer(

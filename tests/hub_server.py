@@ -526,3 +526,15 @@ def _set_transformers_api(api: Any) -> None:
     module = sys.modules.get("transformers.utils.hub")
     if module is not None:
         vars(module)["_hf_api"] = api
+
+
+def load_dataset(hub: LocalHub, repo_id: str, cache: Path) -> Any:
+    """``datasets.load_dataset(repo_id)`` through the loopback Hub. datasets copies ``HF_ENDPOINT`` and the offline
+    flag at import time, so those copies are pointed at ``hub``; and it would ping two other hosts (a download
+    counter on S3, the dataset viewer's ``datasets-server.`` + endpoint host), so both are off. Returns the
+    ``datasets.Dataset`` of its ``train`` split."""
+    import datasets
+
+    with mock.patch.multiple(datasets.config, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE=False,
+                             HF_UPDATE_DOWNLOAD_COUNTS=False, USE_PARQUET_EXPORT=False):
+        return datasets.load_dataset(repo_id, split="train", cache_dir=str(cache))

@@ -23,7 +23,8 @@ from hf_linearize.vision.transforms import image_transforms, with_transform
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "classify_images.py"
 CONFIG = ROOT / "recipes" / "configs" / "mnist_resnet.yaml"
-TINY = ["--config", str(CONFIG), "--model_kwargs", "in_chans=1,channels=(8,8,8,8),stem_width=8",
+TINY_KWARGS = "in_chans=1,channels=(8,8,8,8),stem_width=8"
+TINY = ["--config", str(CONFIG), "--model_kwargs", TINY_KWARGS,
         "--per_device_train_batch_size", "16", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
         "--logging_steps", "2"]
 """A 4-stage ResNet-18 8 channels wide on 28 px digits: seconds per run."""
@@ -105,10 +106,55 @@ def test_image_folder_run_and_checkpoint_reloads_bit_identically(tmp_path):
     assert (tmp_path / "resaved" / "model.safetensors").read_bytes() == saved
 
     card = ModelCard.load(out / "final" / "README.md")
-    (result,) = card.data.eval_results
-    assert (result.task_type, result.metric_type, result.metric_value) == ("image-classification", "accuracy",
-                                                                          pytest.approx(test["accuracy"]))
+    results_by_metric = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results_by_metric) == {"accuracy", "normalized_apl", "unnormalized_apl", "nonlinear_fraction"}
+    result = results_by_metric["accuracy"]
+    assert (result.task_type, result.metric_value) == ("image-classification", pytest.approx(test["accuracy"]))
+    assert results_by_metric["normalized_apl"].metric_value == pytest.approx(results["path_length"]["normalized_apl"])
     assert card.data.path_length["nonlinear_units"] == results["summary"]["total"]["nonlinear"]
+
+
+@pytest.mark.slow
+def test_the_checkpoint_is_fed_right_by_timm_alone(tmp_path):
+    """final/ describes its input: timm's own resolve_model_data_config + create_transform on the loaded model give
+    the recipe's evaluation transform (28 px, crop 1.0, one-channel mean/std), which scores the validation digits
+    exactly as results.json says, also after a push to the (loopback) Hub; timm's local-dir: loader reads the same
+    config, and the class names."""
+    import timm
+    from hub_server import LocalHub, hub_env
+    from huggingface_hub import HfApi
+    from timm.data import create_transform, resolve_model_data_config
+
+    from hf_linearize.vision.models import create_classifier, parse_kwargs
+    from hf_linearize.vision.transforms import data_config
+
+    out = tmp_path / "described"
+    done = _run([sys.executable, str(RECIPE), *TINY, "--output_dir", str(out), "--max_train_samples", "64",
+                 "--max_eval_samples", "40", "--max_steps", "4"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    model = hl.from_pretrained(out / "final")
+    config = resolve_model_data_config(model)
+    as_trained = data_config(create_classifier("resnet18", 10, model_kwargs=parse_kwargs(TINY_KWARGS)), 28, 1.0)
+    assert json.dumps(config, sort_keys=True) == json.dumps(as_trained, sort_keys=True)
+    assert config["input_size"] == (1, 28, 28) and config["crop_pct"] == 1.0 and len(config["mean"]) == 1
+    assert resolve_model_data_config(timm.create_model(f"local-dir:{out / 'final'}")) == config
+    assert model.pretrained_cfg["label_names"] == results["settings"]["classes"] == [str(d) for d in range(10)]
+
+    recipe = load_script(RECIPE)  # the recipe's validation digits: the first 40 after its seed-0 shuffle
+    validation = recipe.load_images(recipe.DataArguments(max_eval_samples=40), 0)["validation"]
+    labels = torch.tensor(validation["label"])
+    expected = results["scores"]["validation"]
+    with LocalHub() as hub, hub_env(hub):  # and the same checkpoint pushed to the Hub and loaded from there
+        HfApi().create_repo("user/digits")
+        HfApi().upload_folder(folder_path=out / "final", repo_id="user/digits")
+        pushed = hl.from_pretrained("user/digits")
+    for loaded in (model, pushed):
+        transform = create_transform(**resolve_model_data_config(loaded))
+        with torch.no_grad():
+            logits = loaded(torch.stack([transform(image) for image in validation["image"]]))
+        assert float((logits.argmax(1) == labels).float().mean()) == expected["accuracy"]
+        assert float(torch.nn.functional.cross_entropy(logits, labels)) == expected["loss"], "the very same logits"
 
 
 @pytest.mark.slow

@@ -119,7 +119,8 @@ def test_model_card_yaml_parses_back(tmp_path, linearized_marian):
     assert pl["per_layer_nonlinear"] == {n: v["nonlinear"] for n, v in hl.summary(model)["layers"].items()}
     assert pl["prior"]["prior_lambda"] == 0.5
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert metrics == {"bleu": 12.5, "chrf": 40.0}
+    assert metrics == {"bleu": 12.5, "chrf": 40.0, "normalized_apl": pl["normalized_apl"],
+                       "unnormalized_apl": pl["unnormalized_apl"], "nonlinear_fraction": pl["nonlinear_fraction"]}
     assert "still nonlinear" in card.text and f"{pl['normalized_apl']:.3f}" in card.text
     # Links only to what exists, and the usage snippet names this folder.
     assert "github.com" not in card.text and "https://huggingface.co/Helsinki-NLP/opus-mt-en-de" in card.text
@@ -400,6 +401,45 @@ def test_timm_checkpoint_records_the_input_of_the_model_as_built(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(hl.from_pretrained(tmp_path).eval()(x), model.eval()(x))
+
+
+def test_a_timm_checkpoint_records_how_to_feed_it_and_its_class_names(tmp_path):
+    """data_config and label_names go into config.json: timm resolves the very preprocessing back, from the model
+    hf_linearize loads and from timm's own local-dir: loader, and the model keeps its class names."""
+    model = hl.patch_model(timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=1,
+                                             channels=(8, 8, 8, 8), stem_width=8))
+    given = timm.data.resolve_model_data_config(model, args={"input_size": (1, 28, 28), "crop_pct": 1.0,
+                                                             "mean": (0.13,), "std": (0.31,),
+                                                             "interpolation": "bilinear"})
+    hl.save_pretrained(model, tmp_path, data_config=given, label_names=["cat", "dog", "eel"])
+    for loaded in (hl.from_pretrained(tmp_path), timm.create_model(f"local-dir:{tmp_path}")):
+        assert timm.data.resolve_model_data_config(loaded) == {**given, "mean": [0.13], "std": [0.31]}
+        assert loaded.pretrained_cfg["label_names"] == ["cat", "dog", "eel"]
+
+
+def test_a_transformers_classifier_records_its_labels(tmp_path):
+    model, _ = tiny_models.ALL["hf_vit"]()
+    hl.patch_model(model)
+    hl.save_pretrained(model, tmp_path, label_names=["cat", "dog", "eel"])
+    config = hl.from_pretrained(tmp_path).config
+    assert config.id2label == {0: "cat", 1: "dog", 2: "eel"} and config.label2id == {"cat": 0, "dog": 1, "eel": 2}
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, "the saved model is left as it was"
+
+
+def test_a_description_that_does_not_fit_the_model_is_refused(tmp_path, linearized_marian, linearized_resnet):
+    resnet, marian = linearized_resnet[0], linearized_marian[0]
+    with pytest.raises(ValueError, match=r"keys \['img_size'\] that a checkpoint does not record"):
+        hl.save_pretrained(resnet, tmp_path / "a", data_config={"img_size": 28})
+    with pytest.raises(ValueError, match="transformers model; save its image processor with tokenizer="):
+        hl.save_pretrained(marian, tmp_path / "b", data_config={"crop_pct": 1.0})
+    with pytest.raises(ValueError, match="label_names has 2 names, but .* has 7 output classes"):
+        hl.save_pretrained(resnet, tmp_path / "c", label_names=["a", "b"])
+    vit = hl.patch_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                                           depth=1))
+    with pytest.raises(ValueError, match=r"does not fit .* as built: Requested image size \(64, 64\), but the model "
+                                         r"requires \(32, 32\)"):
+        hl.save_pretrained(vit, tmp_path / "d", data_config={"input_size": (3, 64, 64)})
+    assert not any(tmp_path.iterdir()), "nothing was written"
 
 
 def test_format_1_checkpoint_without_gate_targets_loads(tmp_path, linearized_marian):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import load_script, run_subprocess
+from hub_server import LocalHub, hub_env, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "recipes" / "sweep.py"
@@ -156,8 +157,10 @@ def test_base_config_with_a_budget_is_refused(tmp_path):
         load_script(SWEEP).load_sweep(_write(tmp_path, base_config=str(base)))
 
 
-def _sweep(*args: str, config: Path = TINY):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _sweep(*args: str, config: Path = TINY, offline: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
     command = [sys.executable, str(SWEEP), *(["--config", str(config)] if config else []), *args]
     done = run_subprocess(command, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -224,6 +227,12 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
             assert row["total_epochs"] == row["epochs"]
     for png in ("quality_vs_apl.png", "one_shot_vs_apl.png", "core_maps.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with LocalHub() as hub, hub_env(hub):  # one command from the finished sweep to a Hub dataset
+        pushed = _sweep("--output_dir", str(out), "--report_only", "--push_to_hub", "user/tiny-sweep", offline=False)
+        assert "[sweep] pushed to dataset user/tiny-sweep" in pushed
+        table = load_dataset(hub, "user/tiny-sweep", tmp_path / "datasets-cache")
+    assert table["run"] == [row["run"] for row in rows]
 
     # A second sweep adds an arm to this one's baseline and control (fitted targets), and --compare joins them.
     data = yaml.safe_load(TINY.read_text(encoding="utf-8"))

@@ -116,10 +116,29 @@ def test_single_process_synthetic(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     from hf_linearize.translation.data import load_synthetic
 
-    results = _check_outputs(out, load_synthetic(400, 16)["test"]["target"])
+    test = load_synthetic(400, 16)["test"]
+    sources, references = list(test["source"]), list(test["target"])
+    results = _check_outputs(out, references)
     assert results["summary"]["total"]["linear"] > 0, "a strong late prior linearizes units"
     assert results["settings"]["linearize"]["prior_start"] == 0.25 and results["train"]["steps"] == 12
     assert "BLEU" in done.stdout and "normalized APL" in done.stdout
+    _check_self_described_decoding(out, sources, references, results["scores"]["test"]["bleu"])
+
+
+def _check_self_described_decoding(out: Path, sources: list[str], references: list[str], bleu: float) -> None:
+    """final/ translates as the recipe did with plain transformers calls: its generation_config.json holds the
+    recipe's beam, length limit and length penalty (synthetic.yaml: beam 4, 64 new tokens), so ``generate`` on the
+    tokenized sources gives the saved translations and their BLEU (results.json's)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    final = out / "final"
+    generation = GenerationConfig.from_pretrained(final)
+    assert (generation.num_beams, generation.max_length, generation.length_penalty) == (4, 64 + 1, 1.0)
+    model, tokenizer = hl.from_pretrained(final), AutoTokenizer.from_pretrained(final)
+    hypotheses = tokenizer.batch_decode(model.generate(**tokenizer(sources, padding=True, return_tensors="pt")),
+                                        skip_special_tokens=True)
+    assert hypotheses == (out / "translations" / "test.txt").read_text(encoding="utf-8").splitlines()
+    assert sacrebleu.corpus_bleu(hypotheses, [references]).score == bleu
 
 
 def _pretrained(tmp_path: Path) -> Path:
