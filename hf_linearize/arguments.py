@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_type_hints
@@ -36,7 +37,8 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
     """Parse ``--config FILE.yaml`` (optional) and the remaining flags into instances of ``dataclass_types``.
 
     Values from the YAML file replace the dataclass defaults; flags on the command line win over both.
-    Unknown YAML keys raise, naming the valid ones.
+    Unknown YAML keys and unknown flags raise ``ValueError``, with the closest known name where one is near
+    (``--prior_lamda``: did you mean ``--prior_lambda``).
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -47,13 +49,31 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
         valid = {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
         unknown = sorted(set(values) - valid)
         if unknown:
-            raise ValueError(f"Unknown keys {unknown} in {known.config}; valid keys are arguments of "
-                             f"{[dc.__name__ for dc in dataclass_types]}.")
+            raise ValueError(f"Unknown keys {unknown} in {known.config}{_suggest(unknown, valid)}; valid keys "
+                             f"are arguments of {[dc.__name__ for dc in dataclass_types]}.")
         parser.set_defaults(**values)
         for action in parser._actions:  # a YAML value satisfies a required flag
             if action.dest in values:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
+                                                           return_remaining_strings=True)
+    flags = [word for word in remaining if word.startswith("-")]
+    if remaining:
+        known_flags = {option for action in parser._actions for option in action.option_strings}
+        raise ValueError(f"Unknown arguments {remaining}{_suggest(flags, known_flags)}; --help lists the "
+                         "flags (each is also a --config YAML key, without the dashes).")
+    return tuple(parsed)
+
+
+def _suggest(words: Sequence[str], known: set[str]) -> str:
+    """``" (did you mean --prior_lambda?)"`` for the words with a close match among ``known`` (difflib), else ""."""
+    hints = []
+    for word in words:
+        name = word.split("=", 1)[0]
+        match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        if match:
+            hints.append(f"{match[0]} for {name}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def parse_position(text: str) -> Schedule:

@@ -42,8 +42,16 @@ def test_without_config_required_flags_apply():
 def test_unknown_yaml_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("name: m\nlayer: 3\n")
-    with pytest.raises(ValueError, match=r"Unknown keys \['layer'\]"):
+    with pytest.raises(ValueError, match=r"Unknown keys \['layer'\] in .*c.yaml \(did you mean layers for layer\?\)"):
         parse_with_config((Model, Train), ["--config", str(config)])
+
+
+def test_unknown_flag_gets_the_closest_known_one():
+    with pytest.raises(ValueError, match=r"Unknown arguments \['--prior_lamda', '5'\] \(did you mean "
+                                         r"--prior_lambda for --prior_lamda\?\); --help lists the flags"):
+        parse_with_config((LinearizeArguments,), ["--prior_lamda", "5"])
+    with pytest.raises(ValueError, match=r"Unknown arguments \['--zzz'\]; --help"):  # nothing close: no guess
+        parse_with_config((Model, Train), ["--name", "m", "--zzz"])
 
 
 def test_missing_config_file(tmp_path):
