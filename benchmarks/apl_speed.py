@@ -1,8 +1,9 @@
 """Time `average_path_length` (both forms) on a real patched 12+12-layer Marian (d=1024, FFN 4096).
 
-Each call reads the gates (one vectorised count per gate), builds the model's path graph and runs the
-dynamic program; the target is well under 50 ms per call. Building and patching the model takes a few
-seconds and is not timed.
+Each call reads the gates (one vectorised count per gate), fills them into the model's traced path-graph structure
+and runs the dynamic program; the target is well under 50 ms per call. Building and patching the model, and the one
+traced forward pass of the first call (its structure is kept on the patch state), take a few seconds and are not
+timed.
 
 Run from the repository root: python -m benchmarks.apl_speed
 """

@@ -1,89 +1,74 @@
-"""hf_linearize: measure and remove the nonlinearity a trained network does not use."""
+"""hf_linearize: measure and remove the nonlinearity a trained network does not use.
+
+The public names below are imported on first use (PEP 562), so that ``import hf_linearize`` and the
+``hf-linearize`` command's ``--help`` do not load torch, transformers and timm before they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .calibration import (
-    CalibrationStats,
-    OneShotReport,
-    calibrate,
-    fit_targets,
-    linearize_one_shot,
-    one_shot,
-    reconstruct,
-)
-from .config import LinearizeConfig
-from .core_map import (
-    average_path_length,
-    model_graph,
-    path_length_report,
-    plot_core_map,
-    save_report_json,
-)
-from .folding import FoldReport, fold, fold_report
-from .gates import ExpertGatedActivation, GatedActivation, SharedGatedActivation
-from .hub import HubPushError, LinearizedCheckpointError, from_pretrained, push_to_hub, save_pretrained
-from .hub_results import push_results
-from .patching import (
-    GateSummary,
-    SiteLayout,
-    gated_modules,
-    is_patched,
-    patch_model,
-    set_linear,
-    summary,
-    unpatch,
-    verify_patch,
-)
-from .path_length import PathGraph
-from .probe_inputs import default_example_inputs, input_spec, inputs_from_spec
-from .trainer import (
-    LinearizeCallback,
-    LinearizeMixin,
-    LinearizePlainTrainer,
-    LinearizeTrainer,
-)
+_EXPORTS: dict[str, str] = {
+    "CalibrationStats": "calibration",
+    "OneShotReport": "calibration",
+    "calibrate": "calibration",
+    "fit_targets": "calibration",
+    "linearize_one_shot": "calibration",
+    "one_shot": "calibration",
+    "reconstruct": "calibration",
+    "LinearizeConfig": "config",
+    "average_path_length": "core_map",
+    "model_graph": "core_map",
+    "path_length_report": "core_map",
+    "plot_core_map": "core_map",
+    "save_report_json": "core_map",
+    "FoldReport": "folding",
+    "fold": "folding",
+    "fold_report": "folding",
+    "ExpertGatedActivation": "gates",
+    "GatedActivation": "gates",
+    "SharedGatedActivation": "gates",
+    "HubPushError": "hub",
+    "LinearizedCheckpointError": "hub",
+    "from_pretrained": "hub",
+    "push_to_hub": "hub",
+    "save_pretrained": "hub",
+    "push_results": "hub_results",
+    "GateSummary": "patching",
+    "SiteLayout": "patching",
+    "gated_modules": "patching",
+    "is_patched": "patching",
+    "patch_model": "patching",
+    "set_linear": "patching",
+    "summary": "patching",
+    "unpatch": "patching",
+    "verify_patch": "patching",
+    "PathGraph": "path_length",
+    "default_example_inputs": "probe_inputs",
+    "input_spec": "probe_inputs",
+    "inputs_from_spec": "probe_inputs",
+    "LinearizeCallback": "trainer",
+    "LinearizeMixin": "trainer",
+    "LinearizePlainTrainer": "trainer",
+    "LinearizeTrainer": "trainer",
+}
+"""Public name -> the module of the package that defines it."""
 
-__all__ = [
-    "CalibrationStats",
-    "OneShotReport",
-    "calibrate",
-    "fit_targets",
-    "linearize_one_shot",
-    "one_shot",
-    "reconstruct",
-    "FoldReport",
-    "GateSummary",
-    "GatedActivation",
-    "HubPushError",
-    "LinearizeCallback",
-    "LinearizeConfig",
-    "LinearizeMixin",
-    "LinearizePlainTrainer",
-    "LinearizeTrainer",
-    "LinearizedCheckpointError",
-    "PathGraph",
-    "SharedGatedActivation",
-    "ExpertGatedActivation",
-    "SiteLayout",
-    "average_path_length",
-    "fold",
-    "fold_report",
-    "from_pretrained",
-    "gated_modules",
-    "is_patched",
-    "model_graph",
-    "patch_model",
-    "path_length_report",
-    "plot_core_map",
-    "push_results",
-    "push_to_hub",
-    "save_pretrained",
-    "save_report_json",
-    "set_linear",
-    "summary",
-    "unpatch",
-    "verify_patch",
-    "default_example_inputs",
-    "input_spec",
-    "inputs_from_spec",
-]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_linearize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = list(_EXPORTS)

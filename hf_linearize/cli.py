@@ -7,13 +7,13 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .core_map import path_length_report, plot_core_map
-from .hub import HubPushError, from_pretrained
-from .hub_results import push_results
-from .patching import summary
+# The commands import the library when they run, so that --help and argument errors return at once.
 
 
 def _apl(args: argparse.Namespace) -> None:
+    from .core_map import path_length_report, plot_core_map
+    from .hub import from_pretrained
+
     report = path_length_report(from_pretrained(args.path, revision=args.revision), ungated_cost=args.ungated_cost)
     if args.plot:
         plot_core_map(report, args.plot)
@@ -31,10 +31,15 @@ def _apl(args: argparse.Namespace) -> None:
 
 
 def _summary(args: argparse.Namespace) -> None:
+    from .hub import from_pretrained
+    from .patching import summary
+
     print(summary(from_pretrained(args.path, revision=args.revision)))
 
 
 def _push_results(args: argparse.Namespace) -> None:
+    from .hub_results import push_results
+
     pushed = push_results(args.directory, args.repo_id, push_checkpoints=args.push_checkpoints, private=args.private)
     print(f"pushed {args.directory} to dataset {args.repo_id}: {pushed.dataset_commit_url}")
     for run, repo in pushed.model_repos.items():
@@ -65,7 +70,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, NotImplementedError, OSError, HubPushError) as error:
+    except Exception as error:
+        from .hub import HubPushError  # loaded by any command that can raise it
+
+        if not isinstance(error, (ValueError, NotImplementedError, OSError, HubPushError)):
+            raise
         print(f"hf-linearize: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,18 @@ def test_summary(saved, capsys):
 def test_error_exit_code(tmp_path, capsys):
     assert main(["apl", str(tmp_path)]) == 2
     assert "linearize_config.json is missing" in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_load_no_heavy_library():
+    """--help and a bad argument return before torch, transformers or timm are imported (a fresh process)."""
+    code = ("import sys, hf_linearize.cli as cli\n"
+            "for argv in (['--help'], ['apl']):\n"
+            "    try:\n"
+            "        cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert "usage: hf-linearize" in done.stdout and "the following arguments are required" in done.stderr
+
