@@ -300,7 +300,7 @@ def test_sites_that_cannot_fold_stay_gated_and_say_why():
     folded = hl.fold(model)
     sites = hl.fold_report(folded)["sites"]
     notes = {name: (s["form"], s["note"]) for name, s in sites.items()}
-    assert notes["1.sites.0"][0] == notes["1.sites.1"][0] == "gated" and "shared" in notes["1.sites.0"][1]
+    assert notes["1.sites.0"][0] == notes["1.sites.1"][0] == "gated" and "shared activation" in notes["1.sites.0"][1]
     assert notes["5.act"][0] == "gated" and "layer_norm" in notes["5.act"][1]
     assert notes["6.act"][0] == "gated" and "no module of its own" in notes["6.act"][1]
     assert notes["8"] == ("dense", "")
