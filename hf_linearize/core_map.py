@@ -23,7 +23,8 @@ from torch import nn
 from .families import find_family
 from .patching import patch_state, summary
 from .path_length import PathGraph, apl, node_contributions
-from .traced_graph import Sites, TracedStructure, probe_inputs, trace_structure
+from .probe_inputs import recorded_probe
+from .traced_graph import Sites, TracedStructure, trace_structure
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -49,7 +50,11 @@ def traced_structure(model: nn.Module) -> TracedStructure:
     are logged once as a warning: they add nothing to the path length."""
     state = patch_state(model)
     if state.path_structure is None:
-        state.path_structure = trace_structure(model, probe_inputs(model, state.probe))
+        try:
+            inputs = recorded_probe(model, state.probe)
+        except ValueError as error:  # no input to trace with: no graph, as for any model that cannot be traced
+            raise NotImplementedError(f"No path graph: {error}") from None
+        state.path_structure = trace_structure(model, inputs)
         off = state.path_structure.off_path(unit_counts(model))
         if off:
             logger.warning(f"Gated site(s) {off[:5]} lie on no path from the model's main input to its main output "
@@ -67,8 +72,9 @@ def model_graph(model: nn.Module, ungated_cost: float = 0.0) -> PathGraph:
 
     ``ungated_cost`` (>= 0) is the constant each ungated nonlinearity (softmax, LayerNorm, ...) adds.
     The graph is traced from one forward pass on the model's probe input (:mod:`hf_linearize.traced_graph`).
-    Raises ``ValueError`` for an unpatched model or a bad cost. Gated sites on no path from the main input to the
-    main output are not in the graph (they add 0).
+    Raises ``ValueError`` for an unpatched model or a bad cost, ``NotImplementedError`` when the model cannot be
+    traced (no probe input). Gated sites on no path from the main input to the main output are not in the graph
+    (they add 0).
     """
     return _graph(model, unit_counts(model), ungated_cost)
 

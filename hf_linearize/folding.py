@@ -27,7 +27,7 @@ Affine linear targets (``GatedActivation.set_targets``): a linear unit with targ
 ``W2[:, L] diag(q) W_v[L]``.
 
 **Where the projections come from: the traced data flow.** ``fold`` runs the gated model once (on
-``example_inputs``, else on the probe it was patched with, :func:`~hf_linearize.probe_inputs.inputs_from_spec` of
+``example_inputs``, else on the probe it was patched with, :func:`~hf_linearize.probe_inputs.recorded_probe` of
 ``patch_state(model).probe``) under :func:`hf_linearize.dataflow.record`, the record patching reads its sites from,
 and notes the tensors every module call read and returned. For each call of a gated site,
 :meth:`~hf_linearize.dataflow.ModelGraph.region` gives its FFN (producer and consumer projections, GLU multiplier,
@@ -110,8 +110,7 @@ from .probe_inputs import (
     _float_leaves,
     _model_name,
     _shapes,
-    default_example_inputs,
-    inputs_from_spec,
+    recorded_probe,
 )
 
 Projection = Union[nn.Linear, nn.modules.conv._ConvNd]
@@ -1047,15 +1046,12 @@ def _narrow_experts(experts: nn.Module, container: ExpertGatedActivation, gate_u
 
 
 def _fold_inputs(model: nn.Module, state: PatchState, example_inputs: Any) -> Any:
-    """``example_inputs``, else the probe the model was patched with, else the default probe of its kind;
-    ``ValueError`` when none can be built."""
+    """``example_inputs``, else the probe the model was patched with (:func:`recorded_probe`); ``ValueError`` when
+    none can be built."""
     if example_inputs is not None:
         return example_inputs
-    device = next((p.device for p in model.parameters()), None)
-    if state.probe is not None:
-        return inputs_from_spec(state.probe, device=device)
     try:
-        return default_example_inputs(model)
+        return recorded_probe(model, state.probe)
     except ValueError:
         raise ValueError(
             f"fold cannot build an input for {_model_name(model)}: it was patched without a recorded probe and no "
@@ -1178,7 +1174,7 @@ def fold(model: nn.Module, example_inputs: Any = None, verify: bool = True) -> n
     Args:
         model: a model patched with :func:`~hf_linearize.patch_model` (and not folded).
         example_inputs: input (tensor, tuple or dict) for the trace that finds each FFN's projections and for the
-            check; default: the probe ``model`` was patched with (``inputs_from_spec(patch_state(model).probe)``).
+            check; default: the probe ``model`` was patched with (:func:`~hf_linearize.probe_inputs.recorded_probe`).
         verify: run the gated and the folded model on that input (eval mode) and raise ``RuntimeError`` if any of
             their floating-point outputs differ by more than 1e-4 of its scale; also counts both forwards' FLOPs
             for :func:`fold_report`.

@@ -337,3 +337,20 @@ def main_output(out: Any) -> torch.Tensor:
     if not leaves:
         raise ValueError(f"The model's output ({type(out).__name__}) holds no floating-point tensor.")
     return leaves[0]
+
+
+def recorded_probe(model: nn.Module, spec: Optional[Mapping[str, Any]]) -> Any:
+    """The input to run a patched ``model`` on again (fold, the path-graph trace): its recorded probe ``spec``
+    (:func:`input_spec`) rebuilt on the device of its parameters, else the default probe of its kind
+    (:func:`default_example_inputs`). ``ValueError`` naming the model when neither can be built."""
+    if spec is not None:
+        param = next(model.parameters(), None)
+        return inputs_from_spec(spec, device=None if param is None else param.device)
+    try:
+        return default_example_inputs(model)
+    except ValueError:
+        raise ValueError(
+            f"{_model_name(model)} was patched without a recorded probe input and no default input fits it; patch "
+            "it with example_inputs= (one small batch it accepts), which records the probe."
+        ) from None
+

@@ -1,7 +1,7 @@
 """The path graph of any patched model, read from one recorded forward pass of the model itself.
 
-:func:`trace_graph` runs the model once on its probe input (the spec ``patch_model`` stored,
-:func:`~hf_linearize.probe_inputs.inputs_from_spec`) under :func:`hf_linearize.dataflow.record`, with every gate,
+:func:`trace_structure` runs the model once on its probe input (the spec ``patch_model`` stored,
+:func:`~hf_linearize.probe_inputs.recorded_probe`) under :func:`hf_linearize.dataflow.record`, with every gate,
 norm and ungated activation module recorded as one op. It follows the *path data*: the values that depend on the
 model's main input (``input_ids``, ``pixel_values``, ``input_features``, ...; masks, position ids and decoder
 inputs are not path inputs, so a decoder is on a path from its first cross-attention on). Each op on the path
@@ -53,7 +53,7 @@ from . import dataflow
 from .families import ACTIVATION_TYPES, NOT_GATED_BY_DEFAULT, behaves_like_activation, in_head, is_norm
 from .gates import ExpertGatedActivation, GatedActivation
 from .path_length import PathGraph
-from .probe_inputs import _call, inputs_from_spec, main_output
+from .probe_inputs import _call, main_output
 
 Sites = Mapping[str, tuple[int, int]]
 """Gated site name -> (units, nonlinear units)."""
@@ -483,15 +483,3 @@ def trace_structure(model: nn.Module, inputs: Any) -> TracedStructure:
     data = {name: dataflow._key(t) for name, t in _path_inputs(inputs).items()}
     output = dataflow._key(main_output(graph.output))
     return _Builder(graph, modules).run(data, output)
-
-
-def probe_inputs(model: nn.Module, spec: Optional[Mapping[str, Any]]) -> Any:
-    """The inputs to trace a patched model with: rebuilt from its probe spec, on its parameters' device."""
-    if spec is None:
-        raise NotImplementedError(
-            f"{type(model).__name__} was patched without a recorded probe input, so its path graph cannot be traced; "
-            "patch it again with hl.patch_model (which records the probe)."
-        )
-    param = next(model.parameters(), None)
-    return inputs_from_spec(spec, device=None if param is None else param.device)
-
