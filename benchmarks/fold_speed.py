@@ -60,12 +60,15 @@ def _ids(rows: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def workloads(model: torch.nn.Module, sentences: int = GEN_SENTENCES) -> dict[str, Callable[[], Any]]:
-    vocab = model.config.vocab_size
-    hidden = torch.randn(FFN_TOKENS, model.config.d_model, generator=torch.Generator().manual_seed(0))
+    """The three timed calls of a Marian (module docstring), their inputs on the model's device (hidden states in
+    its dtype)."""
+    vocab, device = model.config.vocab_size, model.device
+    hidden = torch.randn(FFN_TOKENS, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(device,
+                                                                                                         model.dtype)
     layers = list(model.model.encoder.layers) + list(model.model.decoder.layers)
-    forward_inputs = {"input_ids": _ids(BATCH, SOURCE_LEN, vocab, 1),
-                      "decoder_input_ids": _ids(BATCH, TARGET_LEN, vocab, 2)}
-    source = _ids(sentences, GEN_SOURCE_LEN, vocab, 3)
+    forward_inputs = {"input_ids": _ids(BATCH, SOURCE_LEN, vocab, 1).to(device),
+                      "decoder_input_ids": _ids(BATCH, TARGET_LEN, vocab, 2).to(device)}
+    source = _ids(sentences, GEN_SOURCE_LEN, vocab, 3).to(device)
 
     def ffn() -> list[torch.Tensor]:
         return [layer.fc2(layer.activation_fn(layer.fc1(hidden))) for layer in layers]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 import yaml
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from .config import LinearizeConfig, Pattern, Schedule
 
@@ -38,7 +38,8 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
 
     Values from the YAML file replace the dataclass defaults; flags on the command line win over both.
     Unknown YAML keys and unknown flags raise ``ValueError``, with the closest known name where one is near
-    (``--prior_lamda``: did you mean ``--prior_lambda``).
+    (``--prior_lamda``: did you mean ``--prior_lambda``). With `TrainingArguments` among the types, ``bf16``/``fp16``
+    on a machine without a GPU raise ``ValueError`` before anything is built, giving the CPU alternative.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -55,6 +56,8 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
         for action in parser._actions:  # a YAML value satisfies a required flag
             if action.dest in values:
                 action.required = False
+    if any(issubclass(dc, TrainingArguments) for dc in dataclass_types):
+        _check_precision(parser.parse_known_args(rest)[0], known.config)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
                                                            return_remaining_strings=True)
     flags = [word for word in remaining if word.startswith("-")]
@@ -63,6 +66,20 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
         raise ValueError(f"Unknown arguments {remaining}{_suggest(flags, known_flags)}; --help lists the "
                          "flags (each is also a --config YAML key, without the dashes).")
     return tuple(parsed)
+
+
+def _check_precision(values: argparse.Namespace, config: Optional[str]) -> None:
+    """``ValueError`` when `TrainingArguments` ask for ``bf16``/``fp16`` on a machine without a GPU, saying so up front
+    (before transformers' "Your setup doesn't support bf16/gpu") with the way to run it on the CPU."""
+    import torch
+
+    wanted = [name for name in ("bf16", "fp16") if getattr(values, name, False)]
+    if not wanted or getattr(values, "use_cpu", False) or torch.cuda.is_available():
+        return
+    where = f"{config} sets" if config else "the flags set"
+    raise ValueError(f"{where} {wanted[0]}: true, mixed-precision training on a GPU, and this machine has none. To "
+                     f"run it on the CPU, add --{wanted[0]} false (fp32; expect it to be slow at a GPU-sized "
+                     "config's scale: shrink it with --max_steps, --preset or --max_train_samples).")
 
 
 def _suggest(words: Sequence[str], known: set[str]) -> str:

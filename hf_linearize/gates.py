@@ -34,7 +34,14 @@ the interpolation (the same bits; on an accelerator the check would stall the de
 graph must serve any gate values, so there the interpolation always runs). With gradients on, the gate is one
 autograd node (`_GateFunction`) that saves only ``x`` and recomputes ``act(x)`` in its backward, instead of
 keeping ``act(x)`` alive as a plain ``lerp`` would; the gate gradient is accumulated in fp32 whatever the input
-dtype. (Activations with parameters of their own, such as PReLU, keep plain autograd.)
+dtype. (Activations with parameters of their own, such as PReLU, keep plain autograd.) A backward that builds a graph
+of its own (``torch.autograd.grad(..., create_graph=True)``: gradient penalties, double backward) recomputes the gate
+with plain differentiable ops instead, so higher derivatives work; ordinary training keeps the memory-saving path.
+
+Dtypes. A gate's ``alpha``, ``target_slope`` and ``target_offset`` are fp32 whatever the model is cast to
+(``model.half()``, ``model.to(torch.bfloat16)``, ``from_pretrained(..., dtype=...)``): casts move them to the new
+device but keep their dtype. The gate mixes in the input's dtype (``alpha`` cast to it), so its output has the
+model's dtype, and a gate of 0 stays bit-exact.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ class _GateFunction(torch.autograd.Function):
 
     Forward: exactly `GatedActivation`'s no-grad computation. Backward: ``act(x)`` is recomputed from the saved
     ``x``; ``d/dx = (1 - w) act'(x) + w p [elementwise]``, ``d/dalpha_c = sum over all but the channel dim of
-    g * (target - act(x))``, accumulated in fp32 or wider. The targets get no gradient.
+    g * (target - act(x))``, accumulated in fp32 or wider. The targets get no gradient. Under ``create_graph=True``
+    (grad mode on in the backward) the gradients are computed by autograd through the gate recomputed with plain
+    ops, differentiable again (the ``alpha`` gradient then sums in the input's dtype).
     """
 
     @staticmethod
@@ -72,10 +81,15 @@ class _GateFunction(torch.autograd.Function):
         return _mix(act(x) if act_x is None else act_x, x, w, glu, all_zero, affine, channel_dim)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, alpha = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
+            inputs = [t for t, need in ((x, need_x), (alpha, need_alpha)) if need]
+            out = _mix(ctx.act(x), x, _broadcast_weight(alpha, x, ctx.channel_dim), ctx.glu, False, ctx.affine,
+                       ctx.channel_dim)
+            grads = iter(torch.autograd.grad(out, inputs, g, create_graph=True))
+            return (next(grads) if need_x else None, next(grads) if need_alpha else None, *[None] * 6)
         with torch.enable_grad():
             x_leaf = x.detach().requires_grad_(need_x)
             y = ctx.act(x_leaf)
@@ -178,6 +192,21 @@ class GatedActivation(nn.Module):
         self._affine = not (bool((self.target_slope == 1).all())
                             and bool((self.target_offset == self.default_offset).all()))
 
+    def _apply(self, fn, recurse: bool = True) -> "GatedActivation":
+        """``Module._apply`` (``.to``, ``.half()``, ``.cuda()``, ...) with the gate's own tensors kept fp32: they go
+        to the device ``fn`` sends them to, never to another floating dtype; ``act`` is converted as usual."""
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+
+        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            out = fn(tensor)
+            if out.is_floating_point() and out.dtype != torch.float32:
+                return tensor.detach().to(out.device, torch.float32)
+            return out
+
+        return super()._apply(keep_fp32, recurse=False)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         # Checkpoints written before affine targets existed (format 1) hold only alpha: keep the default targets.
@@ -185,6 +214,8 @@ class GatedActivation(nn.Module):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if any(t.dtype != torch.float32 for t in (self.alpha, self.target_slope, self.target_offset)):
+            self._apply(lambda t: t, recurse=False)  # fp32 again where a loader set another dtype (older checkpoints)
         self._sync_affine()
 
     def _affine_targets(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,9 +5,9 @@ A checkpoint directory holds:
 ==========================  ==============================================================================
 ``config.json``             the base model's own config (transformers; ``id2label``/``label2id`` when
                             ``label_names`` are given), or timm's ``config.json`` with ``architecture``,
-                            ``model_args``, ``label_names`` and the ``pretrained_cfg`` preprocessing (input size,
-                            crop, mean/std, interpolation: ``data_config``), as ``timm.models.push_to_hf_hub``
-                            writes it
+                            ``model_args``, ``label_names``, the model's ``dtype`` and the ``pretrained_cfg``
+                            preprocessing (input size, crop, mean/std, interpolation: ``data_config``), as
+                            ``timm.models.push_to_hf_hub`` writes it
 ``linearize_config.json``   format version, library version, backend, family, ``LinearizeConfig``, the gated
                             sites, the probe input's spec (``probe``: names, shapes, dtypes, no data; loading
                             probes with it), and the gate summary and path lengths measured on the saved model; for a
@@ -48,7 +48,8 @@ import timm
 import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, OfflineModeIsEnabled
+from huggingface_hub.errors import LocalTokenNotFoundError, RemoteEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.data.model_config import resolve_input_data_config
 from torch import nn
@@ -57,7 +58,7 @@ from .config import LinearizeConfig
 from .folding import fold_state, is_folded, refold
 from .model_index import eval_results
 from .patching import gated_modules, patch_model, patch_state, summary
-from .probe_inputs import _model_name, inputs_from_spec, timm_input_size
+from .probe_inputs import _model_name, model_dtype, recorded_probe, timm_input_size
 
 FORMAT_VERSION = 1
 LINEARIZE_CONFIG_NAME = "linearize_config.json"
@@ -85,6 +86,43 @@ class LinearizedCheckpointError(ValueError):
 
 class HubPushError(RuntimeError):
     """Pushing failed; the message names the local directory where the checkpoint is safely saved."""
+
+
+HUB_FAILURES = (OSError, HTTPError)
+"""What a failed ``huggingface_hub`` call raises: its HTTP errors, offline mode and OS errors (``OSError``), and the
+HTTP client's connection errors and timeouts (``httpx`` ``HTTPError``, not an ``OSError``)."""
+
+
+def hub_failure(error: BaseException, endpoint: Optional[str] = None) -> str:
+    """Why a Hub call failed, in words: the Hub was not asked (offline mode, no token), could not be reached
+    (connection error, timeout), or answered with an HTTP status (401/403: the token; 404: the repo, revision or
+    file), with the fix."""
+    where = f"the Hub at {endpoint or huggingface_hub.constants.ENDPOINT}"
+    first = (str(error).strip().splitlines() or [""])[0]
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if isinstance(error, OfflineModeIsEnabled):
+        return (f"offline mode is on (HF_HUB_OFFLINE=1), so {where} was not asked ({detail}); unset HF_HUB_OFFLINE "
+                "to use the Hub")
+    if isinstance(error, LocalTokenNotFoundError):
+        return f"no token is set for {where}: set HF_TOKEN, or run `hf auth login`"
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        fix = {401: "; check the token (HF_TOKEN, or `hf auth login`)",
+               403: "; the token lacks permission for this repo (a write token is needed to push)",
+               404: "; check the repo id, the revision and the token (a private repo answers 404 without one)"}
+        return f"{where} answered {status} ({detail}){fix.get(status, '')}"
+    if isinstance(error, HTTPError):  # the HTTP client's own errors: no answer came back
+        return (f"{where} could not be reached ({detail}); check the network, or HF_ENDPOINT, or set "
+                "HF_HUB_OFFLINE=1 to work offline")
+    return f"{where} could not be used ({detail})"
+
+
+def check_repo_id(repo_id: str, flag: str = "repo_id") -> None:
+    """``ValueError`` naming ``flag`` unless ``repo_id`` is a valid Hub repo id (``user/name``, or ``name``)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{flag} {repo_id!r} is not a valid Hub repo id ({error}); write it as 'user/name'.") from None
 
 
 def backend(model: nn.Module) -> Optional[str]:
@@ -369,8 +407,9 @@ def _save_timm(model: nn.Module, staging: Path, directory: Path, model_args: Opt
                data_config: Optional[Mapping[str, Any]], label_names: Optional[Sequence[str]],
                max_shard_size: Union[int, str]) -> None:
     """timm's ``config.json`` (the preprocessing of ``data_config``, by default the input the model was built for;
-    the ``label_names``), checked to rebuild ``type(model)`` and to resolve ``data_config`` back, then the weights
-    (sharded beyond ``max_shard_size``)."""
+    the ``label_names``; the model's ``dtype``, as transformers records it, which loading builds the model in),
+    checked to rebuild ``type(model)`` and to resolve ``data_config`` back, then the weights (sharded beyond
+    ``max_shard_size``)."""
     from timm.models._hub import save_config_for_hf
 
     fix = ("Build the model as timm.create_model returns it (no features_only=True wrapper) from JSON-serialisable "
@@ -379,8 +418,9 @@ def _save_timm(model: nn.Module, staging: Path, directory: Path, model_args: Opt
     # The preprocessing recorded for the model as built (e.g. 1x28x28 digits), not its pretrained default.
     recorded = {"input_size": timm_input_size(model), **(data_config or {})}
     try:
+        labels = {"label_names": list(label_names)} if label_names is not None else {}
         save_config_for_hf(model, str(staging / "config.json"), model_args=model_args, data_config=recorded,
-                           model_config={"label_names": list(label_names)} if label_names is not None else None)
+                           model_config={"dtype": str(model_dtype(model)).removeprefix("torch."), **labels})
         rebuilt = _build_timm_model(staging, device="meta")
     except Exception as error:  # timm's exporter and factory raise anything from AttributeError to AssertionError
         raise _unsaveable(model, directory, f"timm cannot record or replay how to build it ({type(error).__name__}: "
@@ -493,20 +533,24 @@ def _checkpoint_directory(name_or_path: PathLike, revision: Optional[str], token
         reason = invalid or "it is written as a path"
         raise LinearizedCheckpointError(f"{no_folder}, and {name!r} is not a Hub repo id ({reason}), so no Hub repo "
                                         f"{name!r} can be found. {check}")
-    try:
-        files = HfApi(token=token).list_repo_files(name, revision=revision)
-    except OSError as error:  # every huggingface_hub HTTP, connection and offline-mode error
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise LinearizedCheckpointError(
-            f"{no_folder}, and Hub repo {name!r} (revision {revision or 'main'}) is not reachable or not found "
-            f"({type(error).__name__}: {reason}). {check}"
-        ) from error
-    if LINEARIZE_CONFIG_NAME not in files:
+    try:  # one request, without the client's retries: an unreachable Hub answers at once
+        huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(name, LINEARIZE_CONFIG_NAME, revision=revision), token=token)
+    except RemoteEntryNotFoundError:
         raise LinearizedCheckpointError(
             f"Hub repo {name!r} (revision {revision or 'main'}) is not a linearized model: it has no "
             f"{LINEARIZE_CONFIG_NAME}. Load it with transformers or timm directly, then hf_linearize.patch_model."
-        )
-    return Path(huggingface_hub.snapshot_download(name, revision=revision, token=token))
+        ) from None
+    except HUB_FAILURES as error:
+        raise LinearizedCheckpointError(
+            f"{no_folder}, and Hub repo {name!r} (revision {revision or 'main'}) cannot be loaded: "
+            f"{hub_failure(error)}. {check}"
+        ) from error
+    try:
+        return Path(huggingface_hub.snapshot_download(name, revision=revision, token=token))
+    except HUB_FAILURES as error:
+        raise LinearizedCheckpointError(
+            f"Downloading Hub repo {name!r} (revision {revision or 'main'}) failed: {hub_failure(error)}.") from error
 
 
 def read_checkpoint_metadata(directory: PathLike) -> dict[str, Any]:
@@ -554,17 +598,19 @@ def _shape_note(key: str, file_shape: Any, model_shape: Any) -> str:
     return f"{key}: file {tuple(file_shape)}, model {tuple(model_shape)}"
 
 
-def _build_transformers_model(directory: Path) -> tuple[nn.Module, _WeightMismatch]:
+def _build_transformers_model(directory: Path, dtype: Optional[torch.dtype] = None
+                              ) -> tuple[nn.Module, _WeightMismatch]:
     """The transformers model of ``config.json`` (``architectures[0]``, else ``AutoModel``) with the base weights
-    loaded, and what did not fit. transformers resolves tied and renamed keys; the gates are among the
-    unexpected keys here and are sorted out by the caller."""
+    loaded, in ``dtype`` (default: the one ``config.json`` records), and what did not fit. transformers resolves tied
+    and renamed keys; the gates are among the unexpected keys here and are sorted out by the caller."""
     config = transformers.AutoConfig.from_pretrained(directory)
     architectures = getattr(config, "architectures", None) or ["AutoModel"]
     model_class = getattr(transformers, architectures[0], transformers.AutoModel)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # every mismatch is reported by from_pretrained below
     try:
-        model, info = model_class.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = model_class.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  dtype=dtype or "auto")
     finally:
         transformers.logging.set_verbosity(verbosity)
     _own_memory(model)
@@ -584,13 +630,18 @@ def _own_memory(model: nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def _build_timm_model(directory: Path, device: Optional[str] = None) -> nn.Module:
+def _build_timm_model(directory: Path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The timm model that ``directory/config.json`` describes (``architecture``, ``model_args``), freshly
-    initialised, on ``device`` (``"meta"``: no memory, for checking its class)."""
+    initialised, on ``device`` (``"meta"``: no memory, for checking its class), in ``dtype``, else in the ``dtype``
+    that ``config.json`` records (checkpoints written before it was recorded: fp32, and loading their weights gives
+    each tensor its saved dtype)."""
     from timm.models._hub import load_model_config_from_path
 
     pretrained_cfg, model_name, model_args = load_model_config_from_path(directory)
-    return timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, device=device, **model_args)
+    model = timm.create_model(model_name, pretrained=False, pretrained_cfg=pretrained_cfg, device=device, **model_args)
+    recorded = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("dtype")
+    dtype = dtype or _requested_dtype(recorded)
+    return model if dtype is None else model.to(dtype)
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -633,7 +684,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor],
     ``keys`` of the model's state dict when given. Missing means missing after the modules' own load hooks (a
     gate fills in default targets that format-1 checkpoints lack); a tensor sharing its storage with a loaded one
     (a tied weight, which safetensors stores once) is loaded through it and is not missing. A loaded tensor takes
-    the dtype it has in ``state`` (gates of a model cast to bfloat16 after patching come back in bfloat16)."""
+    the dtype it has in ``state``, except a gate's, which stays fp32 (:class:`~hf_linearize.gates.GatedActivation`)."""
     own = model.state_dict(keep_vars=True)
     if keys is not None:
         own = {k: v for k, v in own.items() if k in keys}
@@ -671,9 +722,31 @@ def _settle(mismatch: _WeightMismatch, weights: str, allow_partial: bool) -> Non
     )
 
 
+def _requested_dtype(dtype: Union[torch.dtype, str, None], torch_dtype: Union[torch.dtype, str, None] = None
+                     ) -> Optional[torch.dtype]:
+    """The floating dtype asked for by ``dtype`` or by its older name ``torch_dtype`` (a ``torch.dtype`` or its name,
+    ``"bfloat16"``), None for the saved one (``None``, ``"auto"``); ``ValueError`` for anything else and for two
+    different requests."""
+    def parse(value: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
+        if value is None or value == "auto":
+            return None
+        resolved = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), its name ('bfloat16') or "
+                             f"'auto' (the dtype the checkpoint was saved in); got {value!r}.")
+        return resolved
+
+    requested = {parse(dtype), parse(torch_dtype)} - {None}
+    if len(requested) > 1:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} differ; pass one of them (torch_dtype is "
+                         "the older name of dtype).")
+    return requested.pop() if requested else None
+
+
 def from_pretrained(
     name_or_path: PathLike, revision: Optional[str] = None, *, token: Optional[str] = None,
-    allow_partial: bool = False,
+    allow_partial: bool = False, dtype: Union[torch.dtype, str, None] = None,
+    torch_dtype: Union[torch.dtype, str, None] = None,
 ) -> nn.Module:
     """Load a linearized checkpoint from a directory or a Hub repo id: rebuild the base model (transformers
     classes from ``config.json``, timm from its recorded model args), re-apply the gates, load every weight.
@@ -690,7 +763,13 @@ def from_pretrained(
     A checkpoint of a folded model (``"variant": "folded"``) comes back folded, bit-identical to the saved model:
     the gated architecture is rebuilt, refolded by its saved plan (:func:`~hf_linearize.folding.refold`), and every
     tensor loaded into it. An unknown variant raises :class:`LinearizedCheckpointError`.
+
+    ``dtype`` (or its older name ``torch_dtype``; a ``torch.dtype`` or its name) loads the model in that floating
+    dtype instead of the saved one (``None`` or ``"auto"``: the saved dtype, which transformers records in
+    ``config.json`` and so does :func:`save_pretrained` for timm models). Gates stay fp32 either way;
+    ``ValueError`` for a dtype that is not floating.
     """
+    requested = _requested_dtype(dtype, torch_dtype)
     directory = _checkpoint_directory(name_or_path, revision, token)
     metadata = read_checkpoint_metadata(directory)
     variant = metadata.get("variant")
@@ -702,12 +781,12 @@ def from_pretrained(
     files = _weight_files(directory)
     weights = str(files[0]) if len(files) == 1 else f"{directory} ({len(files)} shards)"
     if metadata["backend"] == "timm":
-        model, base_mismatch = _build_timm_model(directory), None
+        model, base_mismatch = _build_timm_model(directory, dtype=requested), None
     else:
-        model, base_mismatch = _build_transformers_model(directory)
+        model, base_mismatch = _build_transformers_model(directory, dtype=requested)
     base_keys = set(model.state_dict())
     probe = metadata.get("probe")  # how the saved model was probed (names, shapes, dtypes); older files: the default
-    patch_model(model, metadata["linearize_config"], example_inputs=inputs_from_spec(probe) if probe else None)
+    patch_model(model, metadata["linearize_config"], example_inputs=recorded_probe(model, probe) if probe else None)
     sites = {name: gate.channels for name, gate in gated_modules(model)}
     if sites != metadata["sites"]:
         differ = sorted(set(sites.items()) ^ set(metadata["sites"].items()))[:5]
@@ -733,6 +812,8 @@ def from_pretrained(
             wrong_shape=base_mismatch.wrong_shape + gates.wrong_shape,
         )
     _settle(mismatch, weights, allow_partial)
+    if requested is not None:  # loading gave each tensor the dtype it has in the file
+        model.to(requested)
     return model.eval()
 
 
@@ -749,8 +830,11 @@ def push_to_hub(
     **save_kwargs: Any,
 ) -> str:
     """Save the checkpoint locally (``save_directory``, or a new temporary directory), then upload it to
-    ``repo_id``; returns the commit's URL. On failure raises :class:`HubPushError`, and the local save stays.
+    ``repo_id``; returns the commit's URL. ``ValueError`` before anything is saved when ``repo_id`` is not a valid
+    repo id. A failed upload raises :class:`HubPushError` saying why (:func:`hub_failure`: unreachable, offline, or
+    the Hub's answer), and the local save stays.
     """
+    check_repo_id(repo_id)
     local = Path(save_directory) if save_directory is not None else Path(tempfile.mkdtemp(prefix="hf_linearize-"))
     try:
         save_pretrained(model, local, load_from=repo_id, **save_kwargs)
@@ -763,9 +847,9 @@ def push_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=local, repo_id=repo_id, revision=revision,
                                    commit_message=commit_message)
-    except Exception as error:  # any failure (HTTP, auth, connection): keep the local save and say where
+    except HUB_FAILURES as error:  # keep the local save and say where
         raise HubPushError(
-            f"Pushing to {repo_id!r} at {api.endpoint} failed ({type(error).__name__}: {error}). The checkpoint is "
+            f"Pushing to {repo_id!r} failed: {hub_failure(error, api.endpoint)}. The checkpoint is "
             f"saved at {local}; push it later with huggingface_hub.upload_folder(folder_path={str(local)!r}, "
             f"repo_id={repo_id!r})."
         ) from error

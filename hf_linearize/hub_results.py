@@ -36,7 +36,16 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .hub import LINEARIZE_CONFIG_NAME, HubPushError, PathLike, from_pretrained, push_to_hub
+from .hub import (
+    HUB_FAILURES,
+    LINEARIZE_CONFIG_NAME,
+    HubPushError,
+    PathLike,
+    check_repo_id,
+    from_pretrained,
+    hub_failure,
+    push_to_hub,
+)
 
 DATA_FILE = "data/results.parquet"
 PLOTS_DIR = "plots"
@@ -213,6 +222,7 @@ def push_results(directory: PathLike, repo_id: str, *, push_checkpoints: bool = 
     that failed (and the model repos already pushed); the dataset is pushed last, so its rows never link to a
     model repo that was not pushed.
     """
+    check_repo_id(repo_id)
     directory = Path(directory)
     rows = read_results(directory)
     metrics = metric_columns(rows)
@@ -250,10 +260,10 @@ def push_results(directory: PathLike, repo_id: str, *, push_checkpoints: bool = 
                        api.list_repo_files(repo_id, repo_type="dataset")
                        if path.startswith(("data/", f"{PLOTS_DIR}/")) and path not in added]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset")
-    except Exception as error:  # any failure (HTTP, auth, connection): nothing local changed, say which repo
+    except HUB_FAILURES as error:  # nothing local changed, say which repo
         raise HubPushError(
-            f"Pushing the sweep results of {directory} to dataset repo {repo_id!r} at {api.endpoint} failed "
-            f"({type(error).__name__}: {error}). The folder is unchanged"
+            f"Pushing the sweep results of {directory} to dataset repo {repo_id!r} failed: "
+            f"{hub_failure(error, api.endpoint)}. The folder is unchanged"
             f"{'; the model repos ' + ', '.join(pushed) + ' were pushed' if pushed else ''}. Push again with "
             f"hf-linearize push-results {directory} {repo_id}."
         ) from error

@@ -29,6 +29,7 @@ from .families import (
 )
 from .gates import ExpertGatedActivation, GatedActivation, GateKind, SharedGatedActivation
 from .probe_inputs import _call, _model_name, _shapes, default_example_inputs, input_spec
+from .sparsity import _whole
 
 STATE_ATTR = "_hf_linearize"
 FOLD_ATTR = "_hf_linearize_fold"
@@ -686,13 +687,21 @@ class GateSummary(dict):
 
 def linear_units(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per gated site (as :func:`gated_modules` names it), the bool mask ``[channels]`` of its linear units:
-    gate >= 1 - ``linear_threshold``. The one rule that ``summary`` and ``fold`` share."""
+    gate >= 1 - ``linear_threshold``. The one rule that ``summary`` and ``fold`` share.
+
+    Each mask is a whole plain tensor, also for gates sharded by FSDP2 (a ``DTensor`` ``alpha`` is gathered with
+    ``full_tensor()``): then this is a collective, which every rank must call, in the same order as the others."""
     threshold = patch_state(model).config.linear_threshold
-    return {name: gate.alpha.detach() >= 1.0 - threshold for name, gate in gated_modules(model)}
+    gates = dict(gated_modules(model))
+    alphas = _whole([gate.alpha.detach() for gate in gates.values()])
+    return {name: alpha >= 1.0 - threshold for name, alpha in zip(gates, alphas)}
 
 
 def summary(model: nn.Module) -> GateSummary:
-    """Per gated layer: units, linear units (gate >= 1 - ``linear_threshold``) and nonlinear units, plus totals."""
+    """Per gated layer: units, linear units (gate >= 1 - ``linear_threshold``) and nonlinear units, plus totals.
+
+    Counts are over all units of each gate, also when FSDP2 shards the gates; then, as for `linear_units`, every
+    rank must call it."""
     layers = {}
     for name, mask in linear_units(model).items():
         linear = int(mask.sum())

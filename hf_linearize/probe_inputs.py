@@ -7,6 +7,7 @@ Nothing here knows about gates; :mod:`hf_linearize.patching`, :mod:`hf_linearize
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -339,13 +340,36 @@ def main_output(out: Any) -> torch.Tensor:
     return leaves[0]
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of most of ``model``'s parameter and buffer elements (a bf16 model's fp32 gates do not
+    change it); fp32 for a model without floating tensors."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    return max(sizes, key=sizes.__getitem__) if sizes else torch.float32
+
+
 def recorded_probe(model: nn.Module, spec: Optional[Mapping[str, Any]]) -> Any:
-    """The input to run a patched ``model`` on again (fold, the path-graph trace): its recorded probe ``spec``
-    (:func:`input_spec`) rebuilt on the device of its parameters, else the default probe of its kind
+    """The input to run a patched ``model`` on again (fold and its check, the path-graph trace, reloading a
+    checkpoint): its recorded probe ``spec`` (:func:`input_spec`) rebuilt on the device of its parameters, with the
+    floating tensors in :func:`model_dtype` (a model cast after patching) and every ``*input_ids`` entry holding the
+    default probe's tokens (``[5, 6, 7, 8, 9, 2]`` repeated, modulo the vocabulary) instead of zeros, which are often
+    the padding token (a LLaMA's all-zero logits would check nothing); else the default probe of its kind
     (:func:`default_example_inputs`). ``ValueError`` naming the model when neither can be built."""
     if spec is not None:
         param = next(model.parameters(), None)
-        return inputs_from_spec(spec, device=None if param is None else param.device)
+        inputs = inputs_from_spec(spec, device=None if param is None else param.device)
+        dtype = model_dtype(model)
+        inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, inputs)
+        if isinstance(inputs, dict):
+            config = getattr(model, "config", None)
+            vocab = _int_attr(_text_config(config), "vocab_size") if config is not None else None
+            for key, value in inputs.items():
+                if key.endswith("input_ids") and isinstance(value, torch.Tensor) and not value.is_floating_point():
+                    tokens = _token_ids(vocab).flatten().repeat(value.numel() // len(_TOKEN_IDS) + 1)
+                    inputs[key] = tokens[:value.numel()].reshape(value.shape).to(value)
+        return inputs
     try:
         return default_example_inputs(model)
     except ValueError:

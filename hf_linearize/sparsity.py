@@ -17,17 +17,28 @@ Order of calls for one optimizer step (what `GateRegularizer` does)::
 
 The gates move only while the prior acts on them: before ``start``, from ``freeze_after`` on, and for a whole run
 whose prior weight is 0 without a budget, every gate is held where it is (`GateRegularizer.gates_held`).
+
+Sharded gates. A gate tensor may be a ``DTensor`` (FSDP2's ``fully_shard`` shards every parameter on dim 0), and
+then every function here must be called on all ranks alike (they communicate). The prior sums each tensor over its
+shards (an all-reduce whose backward gives every unit its own gradient, ``-lam / N``, on the rank that holds it,
+sharded like the gate). Everything that looks at more than one unit (snapping with its global ``max_new`` choice,
+the frozen-unit masks, the counts) works on whole tensors: the gates (or their gradients) are gathered to every
+rank, changed there identically, and each rank writes its own shard back. Masks are whole plain tensors on every
+rank, so the counts, the budget controller and `LinearUnitTracker.state_dict` are global and the same everywhere.
+Elementwise updates that need no mask (clamping, holding the gates) run on the shards as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
 from .config import (
     BUDGET_METRICS,
@@ -45,6 +56,7 @@ __all__ = [
     "LinearUnitTracker",
     "PriorSchedule",
     "gate_stats",
+    "linear_counts",
     "linear_quota",
     "prior_loss",
     "project_",
@@ -85,22 +97,52 @@ def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
     return torch.stack([m.sum().to(dev) for m in masks]).tolist()
 
 
-def prior_loss(alphas: Alphas, lam: float) -> torch.Tensor:
-    """``lam * mean(1 - a)`` over all units of all tensors: a 0-dim fp32 tensor on ``alphas[0].device``.
+def _whole(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor whole, as a ``torch.Tensor``: a ``DTensor`` is gathered (on every rank: call on all ranks), any
+    other tensor is returned as it is (not copied)."""
+    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
 
-    Computed as ``lam * (1 - sum_i a.sum() / N)`` (no concatenation), in fp32 even under autocast.
-    Gradient: ``-lam / N`` for every unit, N = total number of units.
+
+@contextlib.contextmanager
+def _in_place(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Yield `_whole` ``tensors`` to change in place; on leaving, each ``DTensor`` takes its own shard back from its
+    changed whole copy (every rank changes identical copies identically, so the shards stay consistent)."""
+    whole = _whole(tensors)
+    yield whole
+    for t, w in zip(tensors, whole):
+        if isinstance(t, DTensor):
+            t.copy_(distribute_tensor(w, t.device_mesh, t.placements, src_data_rank=None))
+
+
+def _sum(a: torch.Tensor) -> torch.Tensor:
+    """``a.sum()`` in fp32 as a 0-dim ``torch.Tensor``. A ``DTensor``'s local sums are all-reduced, so that the
+    gradient reaches each unit once, on the rank that holds it, placed as ``a`` is (a ``Shard(0)`` gradient of a
+    ``Shard(0)`` parameter: what FSDP2 adds its reduced gradient to). ``a.sum().full_tensor()`` would give every rank
+    a replicated gradient of the whole tensor instead."""
+    if not isinstance(a, DTensor):
+        return a.sum(dtype=torch.float32)
+    local = a.to_local().sum(dtype=torch.float32)
+    placements = [Partial() if p.is_shard() else Replicate() for p in a.placements]
+    return DTensor.from_local(local, a.device_mesh, placements).full_tensor()
+
+
+def prior_loss(alphas: Alphas, lam: float) -> torch.Tensor:
+    """``lam * mean(1 - a)`` over all units of all tensors: a 0-dim fp32 ``torch.Tensor`` on ``alphas[0].device``.
+
+    Computed as ``lam * (1 - sum_i a.sum() / N)`` (no concatenation), in fp32 even under autocast; a ``DTensor``'s
+    sum is all-reduced over its shards. Gradient: ``-lam / N`` for every unit, N = total number of units (for a
+    ``DTensor``, on its own shard, with its placements).
     """
     _check_alphas(alphas)
     dev = alphas[0].device
     n = sum(a.numel() for a in alphas)
-    total = torch.stack([a.sum(dtype=torch.float32).to(dev) for a in alphas]).sum()
+    total = torch.stack([_sum(a).to(dev) for a in alphas]).sum()
     return lam * (1.0 - total / n)
 
 
 @torch.no_grad()
 def project_(alphas: Alphas) -> None:
-    """Clamp every gate into [0, 1] in place."""
+    """Clamp every gate into [0, 1] in place (elementwise: on each shard of a ``DTensor``)."""
     for a in alphas:
         a.clamp_(0.0, 1.0)
 
@@ -122,6 +164,14 @@ def snap_(
         raise ValueError(f"Got {len(masks)} masks for {len(alphas)} gate tensors.")
     if max_new is not None and max_new < 0:
         raise ValueError(f"max_new={max_new} must be >= 0.")
+    with _in_place(alphas) as whole:
+        return _snap_whole(whole, eps, masks, max_new)
+
+
+def _snap_whole(
+    alphas: Alphas, eps: float, masks: Optional[Sequence[torch.Tensor]], max_new: Optional[int]
+) -> int:
+    """`snap_` on whole (not sharded) gate tensors."""
     above, new = [], []
     for i, a in enumerate(alphas):
         thr, _ = _thresholds(eps, a.dtype)
@@ -150,12 +200,25 @@ def snap_(
     return n_new if max_new is None else min(n_new, max_new)
 
 
+def _masked_fill_(tensors: Alphas, masks: Sequence[torch.Tensor], value: float) -> None:
+    """Set the entries of each tensor (gates or their gradients, sharded or not) where its whole mask is True."""
+    with _in_place(tensors) as whole:
+        for t, m in zip(whole, masks):
+            t.masked_fill_(m, value)
+
+
+@torch.no_grad()
+def linear_counts(alphas: Alphas, eps: float) -> list[int]:
+    """Per gate tensor, the number of linear units (``a >= 1 - eps``) over all its shards."""
+    _check_alphas(alphas)
+    return _counts([a >= _thresholds(eps, a.dtype)[0] for a in _whole(alphas)])
+
+
 @torch.no_grad()
 def gate_stats(alphas: Alphas, eps: float) -> dict[str, float]:
     """Counts over all units: ``total_units``, ``linear_units`` (``a >= 1 - eps``), ``nonlinear_units``
     (ints) and ``nonlinear_fraction`` (float in [0, 1])."""
-    _check_alphas(alphas)
-    linear = sum(_counts([a >= _thresholds(eps, a.dtype)[0] for a in alphas]))
+    linear = sum(linear_counts(alphas, eps))
     total = sum(a.numel() for a in alphas)
     return {
         "total_units": total,
@@ -216,31 +279,30 @@ class LinearUnitTracker:
         """With ``freeze``: set every frozen unit to exactly 1.0 (undoes optimizer momentum/weight decay)."""
         self._check(alphas)
         if self.freeze:
-            for a, m in zip(alphas, self.masks):
-                a.masked_fill_(m, 1.0)
+            _masked_fill_(alphas, self.masks, 1.0)
 
     @torch.no_grad()
     def mask_grads_(self, alphas: Alphas) -> None:
         """With ``freeze``: zero the gradient of every frozen unit (call before ``optimizer.step()``)."""
         self._check(alphas)
         if self.freeze:
-            for a, m in zip(alphas, self.masks):
-                if a.grad is not None:
-                    a.grad.masked_fill_(m, 0.0)
+            with_grad = [i for i, a in enumerate(alphas) if a.grad is not None]
+            _masked_fill_([alphas[i].grad for i in with_grad], [self.masks[i] for i in with_grad], 0.0)
 
     @torch.no_grad()
     def update(self, alphas: Alphas) -> int:
         """After ``optimizer.step()``: re-pin frozen units, snap new linear units (within ``max_linear``),
         clamp everything into [0, 1]. Returns the number of newly linear units."""
         self._check(alphas)
-        if self.freeze:
-            self.enforce_(alphas)
-        else:
-            for a, m in zip(alphas, self.masks):
-                m &= a >= _thresholds(self.eps, a.dtype)[0]
-        max_new = None if self.max_linear is None else max(0, self.max_linear - self.linear_units)
-        newly = snap_(alphas, self.eps, self.masks, max_new)
-        project_(alphas)
+        with _in_place(alphas) as whole:
+            if self.freeze:
+                self.enforce_(whole)
+            else:
+                for a, m in zip(whole, self.masks):
+                    m &= a >= _thresholds(self.eps, a.dtype)[0]
+            max_new = None if self.max_linear is None else max(0, self.max_linear - self.linear_units)
+            newly = snap_(whole, self.eps, self.masks, max_new)
+            project_(whole)
         return newly
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:

@@ -34,22 +34,31 @@ would be multiplied by the world size under DDP. For families marked ``mean_task
 (and no ``compute_loss_func``) the trainer sets ``model_accepts_loss_kwargs = False``, which gives the plain
 mean everywhere.
 
-Distributed. Every gate operation is elementwise on the gate tensors or a sum over them, on every rank
-alike; the gates' gradients are all-reduced with the rest, so the gates stay identical on all ranks (checked
-for DDP with gloo on CPU, 2 processes, under ``accelerate launch``). FSDP and DeepSpeed were not run: the logic
-needs whole (unsharded) gate tensors on every rank (FSDP2 ``DTensor`` sums are all-reduced; ZeRO-3 partitions
-would not be) and, for those backends, checkpoints are written in the Trainer's own format.
+Distributed. Under DDP every rank holds whole gates; the gates' gradients are all-reduced with the rest, so the
+gates stay identical on all ranks. Under FSDP2 (Accelerate's plugin with ``fsdp_version: 2``) each gate is a
+``DTensor`` sharded on dim 0; `hf_linearize.sparsity` gathers the gates wherever it needs more than one unit
+(snapping with the quota, masks, counts), so that masks, budget controller and ``linearize_state.pt`` are global
+and the same on every rank, and the prior's gradient reaches each shard once. The path graph is traced when the
+trainer is built (before any sharding); the logged APLs use the gathered counts. When the trainer is built under
+FSDP2 it also makes an embedding that encoder and decoder share in separate modules one module (torch shards a tied
+parameter only within one FSDP group; `_group_tied_embeddings`) and keeps a meta-device skeleton of the model.
+``save_model`` and checkpoints write the linearized format (transformers and timm models) from the state dict
+Accelerate gathers on the main process, loaded into a copy of that skeleton (`_unsharded_copy`); `full_model`
+gives the same plain copy to a script's final save. DeepSpeed (any ZeRO stage), FSDP1, and an FSDP request that
+Accelerate does not honour (on CPU) are refused when the trainer is built (`_check_backend`). Both backends were
+checked with 2 gloo processes on CPU (tests/test_trainer.py, tests/test_distributed.py).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 from transformers import (
     Seq2SeqTrainer,
@@ -65,11 +74,12 @@ from transformers.utils import logging
 
 from . import hub
 from .config import LinearizeConfig
-from .core_map import model_graph
+from .core_map import traced_structure
 from .families import family_by_name
 from .patching import gated_modules, is_patched, patch_model, patch_state
-from .path_length import apl
-from .sparsity import GateRegularizer, gate_stats
+from .path_length import PathGraph, apl
+from .sparsity import GateRegularizer, gate_stats, linear_counts
+from .traced_graph import TracedStructure
 
 __all__ = [
     "LINEARIZE_STATE_NAME",
@@ -112,8 +122,8 @@ class LinearizeCallback(TrainerCallback):
         self.config = config
         self.regularizer: Optional[GateRegularizer] = None
         self.resume_state: Optional[dict[str, Any]] = None
-        self._model: Optional[nn.Module] = None
-        self._has_graph = True
+        self._structure: Optional[TracedStructure] = None
+        self._sites: list[str] = []
         self._lambda = 0.0
         self._reset_window()
         self._run_prior, self._run_steps = 0.0, 0
@@ -123,18 +133,17 @@ class LinearizeCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Optional[nn.Module] = None,
         **kwargs: Any,
     ) -> None:
-        alphas = [gate.alpha for _, gate in gated_modules(model)]
-        if not alphas:
+        gates = list(gated_modules(model))
+        if not gates:
             raise ValueError("The model has no gates; call hf_linearize.patch_model(model) before training.")
         measure = None
         if self.config.budget_target is not None and self.config.budget_metric == "normalized_apl":
-            measure = functools.partial(_normalized_apl, model)
-            measure()  # a model without a path graph fails here, before any step
-        self.regularizer = GateRegularizer.from_config(alphas, self.config, total_steps=state.max_steps,
-                                                       measure=measure)
+            measure = self._normalized_apl
+        self._sites = [name for name, _ in gates]
+        self.regularizer = GateRegularizer.from_config([gate.alpha for _, gate in gates], self.config,
+                                                       total_steps=state.max_steps, measure=measure)
         if self.resume_state is not None:
             self.regularizer.load_state_dict(self.resume_state)
-        self._model, self._has_graph = model, True
         self._reset_window()
         self._run_prior, self._run_steps = 0.0, 0
 
@@ -168,6 +177,21 @@ class LinearizeCallback(TrainerCallback):
             logger.info(f"Budget {self.config.budget_metric} = {controller.target}: {reached}, {error}.")
 
     # --------------------------------------------------------------------------------------- for the mixin
+    def trace(self, model: nn.Module) -> None:
+        """Trace the path-graph structure of the (still unwrapped) ``model`` once, before a backend such as FSDP shards
+        it; the logged path lengths and an APL budget then need only the gate counts. A model that cannot be traced
+        logs no path lengths (warned here), and an APL budget on it raises ``NotImplementedError``."""
+        apl_budget = self.config.budget_target is not None and self.config.budget_metric == "normalized_apl"
+        try:
+            self._structure = traced_structure(model)
+        except NotImplementedError as err:
+            if apl_budget:
+                raise NotImplementedError(
+                    f"A normalized_apl budget needs the model's path graph: {err} Use budget_metric="
+                    "'nonlinear_fraction' for this model."
+                ) from None
+            logger.warning(f"Not logging path lengths: {err}")
+
     def prior_loss(self, step: int) -> torch.Tensor:
         """The prior term of update ``step`` (0-dim fp32 tensor, differentiable in the gates)."""
         return self._require().loss(step)
@@ -231,21 +255,22 @@ class LinearizeCallback(TrainerCallback):
         return metrics
 
     def _apl_metrics(self) -> dict[str, float]:
-        """Both APL forms, or nothing for a model whose family has no path graph (warned once)."""
-        if not self._has_graph:
+        """Both APL forms, or nothing for a model without a path graph (warned by `trace`)."""
+        if self._structure is None:
             return {}
-        try:
-            graph = model_graph(self._model)
-        except NotImplementedError as err:
-            self._has_graph = False
-            logger.warning(f"Not logging path lengths: {err}")
-            return {}
+        graph = self._path_graph()
         return {"linearize/apl_normalized": apl(graph, normalized=True),
                 "linearize/apl_unnormalized": apl(graph, normalized=False)}
 
+    def _path_graph(self) -> PathGraph:
+        """The traced path graph with the current nonlinear counts of the regularizer's gates (over all shards)."""
+        reg = self._require()
+        linear = linear_counts(reg.alphas, reg.eps)
+        sites = {name: (a.numel(), a.numel() - n) for name, a, n in zip(self._sites, reg.alphas, linear)}
+        return self._structure.graph(sites, 0.0)
 
-def _normalized_apl(model: nn.Module) -> float:
-    return apl(model_graph(model), normalized=True)
+    def _normalized_apl(self) -> float:
+        return apl(self._path_graph(), normalized=True)
 
 
 def _load_state(checkpoint: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -293,6 +318,8 @@ class LinearizeMixin:
 
     def __init__(self, *args: Any, linearize_config: Optional[LinearizeConfig] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        fsdp_requested = self.args.fsdp_plugin_args is not None or parse_flag_from_env("ACCELERATE_USE_FSDP")
+        _check_backend(self.accelerator.state, fsdp_requested, self.args.use_cpu)
         state = patch_state(self.model)
         if linearize_config is not None:
             if not isinstance(linearize_config, LinearizeConfig):
@@ -309,7 +336,26 @@ class LinearizeMixin:
         if family_by_name(state.family).mean_task_loss and self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False
         self.linearize_callback = LinearizeCallback(self.linearize_config)
+        self.linearize_callback.trace(self.model)
         self.add_callback(self.linearize_callback)
+        self._skeleton: Optional[nn.Module] = None
+        if self.is_fsdp_enabled:  # before Accelerate shards the model (in train/evaluate/predict)
+            _group_tied_embeddings(self.model)
+            self._skeleton = _meta_skeleton(self.model)
+
+    def full_model(self) -> Optional[nn.Module]:
+        """The trained model as a plain module with whole tensors, to save, fold or evaluate on one process.
+
+        Without FSDP: the unwrapped model itself, on every rank. Under FSDP2 this is a collective (every rank must
+        call it, in the same order): the full state dict is gathered (``accelerator.get_state_dict``), and the main
+        process gets a new model holding it (`_unsharded_copy`: the model's class and structure, gates, patch state
+        and generation config, every parameter and buffer as trained); the other ranks get ``None``. The copy is
+        independent of the training run: changing it changes nothing in the sharded model."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self._skeleton is None:
+            return model
+        state_dict = self.accelerator.get_state_dict(self.model)
+        return _unsharded_copy(self._skeleton, model, state_dict) if self.accelerator.is_main_process else None
 
     def train(
         self,
@@ -381,20 +427,142 @@ class LinearizeMixin:
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write the linearized checkpoint format (weights with gates, ``linearize_config.json``, model card,
-        tokenizer) plus ``training_args.bin``. Sharded backends (a gathered ``state_dict`` is passed) and models
-        `hf_linearize.hub` cannot save keep the Trainer's own format."""
+        tokenizer) plus ``training_args.bin``, for transformers and timm models. Under FSDP2 the Trainer passes the
+        ``state_dict`` it gathered on every rank (full on the main process); the main process saves an unsharded
+        copy of the model holding it (`_unsharded_copy`, as `full_model` builds it). Models `hf_linearize.hub`
+        cannot save keep the Trainer's own format."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if state_dict is not None or self.is_distributed_loading_by_transformers or hub.backend(model) is None:
+        plain = model if self._skeleton is None else self._skeleton  # FSDP2 changes a timm model's class
+        if self.is_distributed_loading_by_transformers or hub.backend(plain) is None:
             super()._save(output_dir, state_dict=state_dict)
             return
         if not self.args.should_save:
             return
+        if self._skeleton is not None:
+            model = _unsharded_copy(self._skeleton, model, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         tokenizer = self.processing_class
         if tokenizer is None:
             tokenizer = getattr(self.data_collator, "tokenizer", None)
         hub.save_pretrained(model, output_dir, tokenizer=tokenizer)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
+SUPPORTED_BACKENDS = "DDP (accelerate launch --multi_gpu) or FSDP2 (recipes/configs/accelerate/fsdp2.yaml)"
+"""The distributed backends `LinearizeMixin` trains with, named in its refusals."""
+
+
+def _check_backend(state: Any, fsdp_requested: bool, use_cpu: bool = False) -> None:
+    """Refuse, before any step, a backend the gate logic would be silently wrong under. ``state`` is the trainer's
+    ``accelerator.state``; ``fsdp_requested``: the launch or the training arguments ask for FSDP; ``use_cpu``: the
+    training arguments' (named in the FSDP refusal: it keeps Accelerate on the CPU even on a GPU machine).
+
+    * DeepSpeed, any ZeRO stage: under Accelerate it steps the optimizer inside ``backward``, before the trainer's
+      pre-step hook can zero the gradients of frozen units or hold the gates, and ZeRO keeps fp32 master copies of
+      the parameters that the trainer's projection, snapping and re-pinning never reach (the next step overwrites
+      them: on CPU, a ZeRO-2 run's gates left [0, 1] from step 8). ZeRO-3 also partitions every gate, so the prior
+      and the counts would see a fraction of the units per rank.
+    * FSDP1 flattens the gates into its ``FlatParameter`` shards: the same effect as ZeRO-3.
+    * FSDP requested but not enabled: Accelerate enables FSDP only on accelerator devices; on a CPU-only machine
+      every process of the launch would train its own model.
+    """
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None:
+        partitions = "; ZeRO-3 also partitions the gates" if deepspeed.zero_stage == 3 else ""
+        raise ValueError(
+            f"LinearizeTrainer does not support DeepSpeed (here ZeRO-{deepspeed.zero_stage}): DeepSpeed steps the "
+            "optimizer inside backward, before the trainer can zero the gradients of frozen gate units, and keeps "
+            "fp32 master weights that the gates' clamping to [0, 1], snapping and freezing do not reach"
+            f"{partitions}, so the gates would silently go wrong. Train with {SUPPORTED_BACKENDS} instead."
+        )
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise ValueError(
+            f"LinearizeTrainer does not support FSDP version {fsdp.fsdp_version}: it flattens the gates into "
+            f"FlatParameter shards. Train with {SUPPORTED_BACKENDS} instead (fsdp_version: 2 in the Accelerate config, "
+            "or --fsdp_version 2)."
+        )
+    if fsdp_requested and fsdp is None:
+        on_cpu = (" The training arguments set use_cpu (--use_cpu true, or use_cpu: true in a recipe config such "
+                  "as recipes/configs/synthetic.yaml), which keeps Accelerate on the CPU: pass --use_cpu false to "
+                  "shard on GPUs.") if use_cpu else ""
+        raise RuntimeError(
+            f"FSDP was requested, but Accelerate did not enable it (distributed type {state.distributed_type.value}, "
+            f"device {state.device}): it enables FSDP only on accelerator devices (GPU, NPU, XPU, ...), so each "
+            "process would train a model of its own. On CPU train with DDP (accelerate launch --multi_gpu "
+            f"--num_processes N with --cpu or ACCELERATE_USE_CPU=true); use FSDP on GPUs.{on_cpu}"
+        )
+
+
+def _group_tied_embeddings(model: nn.Module) -> None:
+    """Make ``model`` shardable by Accelerate's FSDP2 wrapping despite tied embeddings, or refuse it.
+
+    torch (>= 2.13) requires every module that holds a tied parameter to be in one FSDP group, and Accelerate groups
+    only the input and output embeddings (``get_input_embeddings``/``get_output_embeddings``). Encoder-decoder
+    models that share one embedding between encoder, decoder and output (Marian, BART, T5) hold it in separate
+    modules; ``model.set_input_embeddings(model.get_input_embeddings())`` (transformers' own API) puts the one
+    embedding module in every place that shares it, as transformers 4 built these models. That changes no
+    parameter, computation or state-dict key. A parameter still held by other modules raises ``ValueError``."""
+    if _foreign_ties(model) and hasattr(model, "set_input_embeddings"):
+        model.set_input_embeddings(model.get_input_embeddings())
+        logger.info("FSDP2: the encoder, decoder and shared input embeddings are now one module (they shared one "
+                    "weight in separate modules, which torch cannot shard); parameters and results are unchanged.")
+    ties = _foreign_ties(model)
+    if ties:
+        raise ValueError(
+            f"{type(model).__name__} ties parameters across modules that FSDP2 cannot put in one group "
+            f"({'; '.join(' = '.join(names) for names in ties[:3])}): torch refuses a tied parameter that two FSDP "
+            "groups see, and Accelerate groups only the input and output embeddings. Untie them before training "
+            "(e.g. tie_word_embeddings=False in the model's config), or train with DDP (accelerate launch "
+            "--multi_gpu)."
+        )
+
+
+def _foreign_ties(model: nn.Module) -> list[list[str]]:
+    """Groups of distinct modules (by name) that hold one parameter, except the input and output embeddings (which
+    Accelerate shards together)."""
+    embeddings = {id(getattr(model, f"get_{side}_embeddings", lambda: None)()) for side in ("input", "output")}
+    holders: dict[int, dict[int, str]] = {}  # parameter -> {module: its first name}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), {}).setdefault(id(module), name)
+    return [list(modules.values()) for modules in holders.values()
+            if len(modules) > 1 and not modules.keys() <= embeddings]
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of the (not yet sharded) ``model`` whose parameters and persistent buffers lie on the meta device:
+    its class, submodules (aliases and tied parameters included), gates, patch state and every other attribute,
+    with no tensor memory. Non-persistent buffers (not in the state dict, e.g. rotary frequencies) are copied."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None or id(tensor) in memo or name in module._non_persistent_buffers_set:
+                continue
+            meta = tensor.detach().to("meta")
+            memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _unsharded_copy(skeleton: nn.Module, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain copy of the FSDP2-sharded ``model`` that holds ``state_dict`` (its full state dict, as
+    ``accelerator.get_state_dict`` gathers it on the main process): a copy of its ``skeleton`` (`_meta_skeleton`, taken
+    before sharding) with every tensor of ``state_dict`` assigned (strict: a missing or unexpected key raises),
+    parameters tied as in ``model``, and ``model``'s current generation config. Works for any model class."""
+    replica = copy.deepcopy(skeleton)
+    tied: dict[int, list[str]] = {}
+    for name, param in replica.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    # a gathered tensor may view a larger (padded) buffer, which safetensors refuses to save: give it its own memory
+    state_dict = {k: t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for k, t in state_dict.items()}
+    replica.load_state_dict(state_dict, strict=True, assign=True)
+    for first, *others in tied.values():  # assign gave every name a parameter of its own: tie them again
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(replica.get_submodule(owner), attr, replica.get_parameter(first))
+    if getattr(model, "generation_config", None) is not None:
+        replica.generation_config = copy.deepcopy(model.generation_config)
+    return replica
 
 
 class LinearizeTrainer(LinearizeMixin, Seq2SeqTrainer):

@@ -11,13 +11,16 @@ records the evaluation preprocessing and the class names, so timm's ``resolve_mo
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import timm
 from accelerate.utils import gather_object
 from transformers import TrainingArguments, set_seed
 
@@ -27,6 +30,8 @@ from hf_linearize.arguments import (
     OneShotArguments,
     parse_with_config,
 )
+from hf_linearize.interruption import SaveOnInterrupt
+from hf_linearize.preflight import RunArguments, check_files, check_hub, check_output_dir
 from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.trainer import patch_for_training
 from hf_linearize.vision.data import (
@@ -127,16 +132,41 @@ def gate_digest(model) -> str:
     return digest.hexdigest()
 
 
+def check_inputs(model_args: ModelArguments, data: DataArguments, run: RunArguments,
+                 training: TrainingArguments) -> None:
+    """The validation pass before anything is built (:mod:`hf_linearize.preflight`): output folder and resume,
+    Hub settings, the timm model name, the local weights and image folders; ``ValueError`` naming the flag."""
+    check_output_dir(training, run.overwrite_output_dir)
+    check_hub(training)
+    if not model_args.model_name_or_path and not timm.is_model(model_args.model_name):
+        close = difflib.get_close_matches(model_args.model_name, timm.list_models(), n=3)
+        raise ValueError(f"--model_name {model_args.model_name!r} is not a timm model"
+                         f"{f' (close: {close})' if close else ''}; timm.list_models('PATTERN*') lists them.")
+    check_files([("pretrained_file", model_args.pretrained_file)])
+    for flag in ("train_dir", "validation_dir", "test_dir"):
+        folder = getattr(data, flag)
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"--{flag} {folder} is not a folder; give a folder with one subfolder of images per "
+                             "class.")
+
+
 def main() -> None:
-    model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
-        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, TrainingArguments))
+    try:  # bad inputs: one line and exit 1, before the data is read or a model is built
+        model_args, data_args, lin_args, eval_args, one_shot_args, run_args, training = parse_with_config(
+            (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, RunArguments,
+             TrainingArguments))
+        check_inputs(model_args, data_args, run_args, training)
+        linearize_config = lin_args.to_config()
+        images = load_images(data_args, training.seed)
+        class_names = check_classes(images, model_args.num_classes)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         level=logging.INFO if training.should_log else logging.WARNING)
+    if training.resume_from_checkpoint:
+        logger.info("Resuming from %s", training.resume_from_checkpoint)
     training.remove_unused_columns = False  # the transform needs the raw image and label columns
     set_seed(training.seed)
-    linearize_config = lin_args.to_config()
-    images = load_images(data_args, training.seed)
-    class_names = check_classes(images, model_args.num_classes)
     model_kwargs = parse_kwargs(model_args.model_kwargs)
     if model_args.model_name_or_path:
         model = hl.from_pretrained(model_args.model_name_or_path)
@@ -153,6 +183,10 @@ def main() -> None:
     trainer = hl.LinearizePlainTrainer(model=model, args=training, train_dataset=with_transform(images["train"],
                                        train_transform), data_collator=collate, compute_loss_func=classification_loss,
                                        linearize_config=linearize_config)
+    if trainer.is_fsdp_enabled:  # it scores and saves the unwrapped model on each rank, which FSDP shards
+        sys.exit(f"{Path(__file__).name}: error: the image recipe does not run under FSDP yet; launch it with DDP "
+                 "(accelerate launch --multi_gpu) or one process. The translation recipe and LinearizePlainTrainer "
+                 "itself support FSDP2.")
 
     output_dir = Path(training.output_dir)
     pretrained = model_args.pretrained or model_args.pretrained_file is not None or model_args.model_name_or_path
@@ -172,7 +206,13 @@ def main() -> None:
     if one_shot_args.fit_targets:
         results["fit_targets"] = one_shot_args.fit(model, with_transform(images["train"], eval_transform), collate,
                                                    batch_size, inputs=lambda batch: batch["x"])
+    interrupt = SaveOnInterrupt()
+    trainer.add_callback(interrupt)
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
+    if interrupt.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            print(interrupt.resume_hint(training.output_dir), file=sys.stderr)
+        sys.exit(130)
     final_model = trainer.accelerator.unwrap_model(model)
     scores, predictions = score(final_model, images, eval_transform, batch_size)
     report = hl.path_length_report(final_model)

@@ -62,6 +62,8 @@ from hf_linearize.hub_results import push_results
 from hf_linearize.sweep_report import metric_column, plot_core_maps, plot_quality_vs_apl, result_row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "results" / "sweeps"
+"""The committed tables and plots of the sweeps the README reports (their run folders are not shipped)."""
 
 
 @dataclass(frozen=True)
@@ -298,9 +300,11 @@ def _text(value: Any) -> str:
 
 def recipe_command(sweep: Sweep, run: Run, launcher: Optional[str], extra: Sequence[str]) -> list[str]:
     """The command line of one run: the launcher (default: this Python), the recipe, ``--config`` (the base
-    config), ``--output_dir``, the run's flags, then ``extra`` (so the command line's recipe flags win)."""
+    config), ``--output_dir`` (and ``--overwrite_output_dir``), the run's flags, then ``extra`` (so the command
+    line's recipe flags win)."""
     prefix = shlex.split(launcher) if launcher else [sys.executable]
-    args = ["--config", str(sweep.base_config), "--output_dir", str(run.directory)]
+    # the sweep skips finished runs, so a run folder it starts holds only a failed attempt's files (and log.txt)
+    args = ["--config", str(sweep.base_config), "--output_dir", str(run.directory), "--overwrite_output_dir", "true"]
     for key, value in run.flags.items():
         args += [f"--{key}", _text(value)]
     return [*prefix, str(RECIPES[sweep.recipe].script), *args, *extra]
@@ -404,6 +408,34 @@ def _warn_if_changed(sweep: Sweep, run: Run, launcher: Optional[str], extra: Seq
               f"{run.directory / 'sweep_run.json'}); delete {run.directory} to rerun it.")
 
 
+def _recorded_flag(command: Sequence[str], name: str) -> Optional[str]:
+    """The last value of ``--name`` in a recorded command line, else None."""
+    values = [command[i + 1] for i in range(len(command) - 1) if command[i] == f"--{name}"]
+    return values[-1] if values else None
+
+
+def folder_runs(sweep: Sweep, planned: Sequence[Run]) -> list[Run]:
+    """The planned runs, then every other finished run in ``output_dir/runs`` (one of another slice of the grid,
+    e.g. ``--budgets 0.5`` earlier): its schedule from its name (:func:`run_name`), its budget and lambda from the
+    command in its ``sweep_run.json``. So the tables always hold every finished run of the folder."""
+    known = {run.directory for run in planned}
+    found = []
+    for directory in sorted((sweep.output_dir / "runs").glob("*/results.json")):
+        directory = directory.parent
+        command = _record(Run(directory.name, "", directory)).get("command")
+        if directory in known or not command:
+            continue
+        name = directory.name
+        schedule = (name if name in ("baseline", "control") else name.rsplit("_", 1)[0] if name.startswith(
+            "one_shot_") else name.split("_", 1)[0])
+        budget = _recorded_flag(command, "one_shot_budget" if schedule.startswith("one_shot") else "budget_target")
+        found.append(Run(name, schedule, directory, budget_target=None if budget in (None, "none") else float(budget),
+                         prior_lambda=float(_recorded_flag(command, "prior_lambda") or 0.0)))
+    groups = ["baseline", "early", "late", "one_shot", "control"]  # plan order; the sort keeps it within a group
+    return sorted([*planned, *found], key=lambda run: groups.index(run.schedule[:8] if run.schedule.startswith(
+        "one_shot") else run.schedule))
+
+
 def collect(sweep: Sweep, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per finished run (see the module docstring), baseline first."""
     rows = []
@@ -468,7 +500,7 @@ def compare(configs: Sequence[str | Path], output_dir: Path) -> list[dict[str, A
     sweeps = [load_sweep(config) for config in configs]
     rows, seen = [], set()
     for index, sweep in enumerate(sweeps):
-        for row in collect(sweep, plan(sweep)):
+        for row in collect(sweep, folder_runs(sweep, plan(sweep))):
             if row["checkpoint"] in seen:
                 continue
             seen.add(row["checkpoint"])
@@ -532,8 +564,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parse_args(argv)
     if args.compare:
-        rows = compare(args.compare, Path(args.output_dir).resolve())
-        print(f"[sweep] {len(rows)} runs of {len(args.compare)} sweeps -> {args.output_dir}")
+        try:
+            rows = compare(args.compare, Path(args.output_dir).resolve())
+        except ValueError as error:
+            print(f"[sweep] {error} They are read from each sweep's output_dir/runs/*/results.json; a fresh clone "
+                  f"has none (the finished runs are not shipped, their tables and plots are: {SHIPPED}/).")
+            return 1
+        print(f"[sweep] {len(rows)} finished runs of {len(args.compare)} sweeps "
+              f"({', '.join(str(c) for c in args.compare)}) -> {args.output_dir}")
         return 0
     sweep = load_sweep(args.config, args.output_dir, args.budgets, args.lambdas, args.schedules, args.baseline_run,
                        args.one_shot_methods)
@@ -558,9 +596,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if not execute(sweep, run, args.launcher, extra):
             failed.append(run.name)
-    rows = collect(sweep, runs)
+    rows = collect(sweep, folder_runs(sweep, runs))
     if rows:
+        print(f"[sweep] tables and plots of the {len(rows)} finished runs in {sweep.output_dir / 'runs'}:")
         report(sweep, rows)
+    elif args.report_only:
+        shipped = SHIPPED / sweep.output_dir.name
+        print(f"[sweep] no finished run in {sweep.output_dir / 'runs'} (a run is finished when its results.json "
+              "exists), so no table was written. Run the sweep first (drop --report_only)"
+              + (f"; this sweep's committed tables and plots are in {shipped}/." if shipped.is_dir() else "."))
+        return 1
     if failed:
         print(f"[sweep] {len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the sweep to retry them"
               f"{' (nothing was pushed to the Hub)' if args.push_to_hub else ''}.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ from transformers import (
 import hf_linearize as hl
 from hf_linearize.arguments import LinearizeArguments, OneShotArguments, load_yaml, parse_with_config
 from hf_linearize.hub import LINEARIZE_CONFIG_NAME
+from hf_linearize.preflight import RunArguments, check_files, check_hub, check_output_dir
 from hf_linearize.trainer import patch_for_training
+from hf_linearize.interruption import SaveOnInterrupt
 from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.translation.data import (
     filter_pairs,
@@ -109,6 +112,13 @@ def load_corpus(data: DataArguments) -> datasets.DatasetDict:
     train, dropped = filter_pairs(datasets.DatasetDict(train=corpus["train"]), data.max_words)
     logger.info("Dropped %d of %d training pairs (empty, or a side over %d words).", dropped["train"],
                 len(corpus["train"]), data.max_words)
+    if not len(train["train"]):
+        raise ValueError(f"No training pairs: {len(corpus['train'])} read from the training data, and every one has "
+                         f"an empty side or a side over --max_words {data.max_words} words. Check the training "
+                         "files (--data_dir / --train_file).")
+    empty = [split for split in ("validation", "test") if split in corpus and not len(corpus[split])]
+    if empty:
+        raise ValueError(f"The {' and '.join(empty)} data hold no pairs; check the files, or leave them out.")
     corpus["train"] = train["train"]
     for split, limit in (("train", data.max_train_samples), ("validation", data.max_eval_samples),
                          ("test", data.max_eval_samples)):
@@ -124,14 +134,11 @@ def build_model(args: ModelArguments, corpus: datasets.DatasetDict, training: Se
         if (Path(args.model_name_or_path) / LINEARIZE_CONFIG_NAME).is_file():  # linearized: its gates and targets
             return hl.from_pretrained(args.model_name_or_path), tokenizer
         return AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path), tokenizer
-    if not args.preset:
-        raise ValueError("Give --model_name_or_path (pretrained) or --preset (from scratch, e.g. transformer-small).")
-    preset = PRESETS / f"{args.preset}.yaml"
-    if not preset.is_file():
-        raise ValueError(f"Unknown preset {args.preset!r}; available: {sorted(p.stem for p in PRESETS.glob('*.yaml'))}.")
+    preset = PRESETS / f"{args.preset}.yaml"  # checked by check_inputs
     tokenizer_dir = Path(training.output_dir) / "tokenizer"
-    with training.main_process_first(desc="train tokenizer"):
-        if not (tokenizer_dir / "tokenizer.json").is_file():
+    with training.main_process_first(desc="train tokenizer"):  # a resumed run keeps its tokenizer
+        fresh = training.resume_from_checkpoint is None or not (tokenizer_dir / "tokenizer.json").is_file()
+        if fresh and training.local_process_index == 0:
             texts = (text for pair in zip(corpus["train"]["source"], corpus["train"]["target"]) for text in pair)
             train_shared_tokenizer(texts, args.vocab_size, args.tokenizer_model).save_pretrained(tokenizer_dir)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
@@ -219,14 +226,54 @@ def compare_folded(gated, folded, corpus, encoded, tokenizer, batch_size: int) -
             "scores": translation_scores(hypotheses["folded"], corpus[split]["target"])}
 
 
+FSDP_UNTRAINED = ("under FSDP2 the Trainer translates only once train() has sharded the model together with its "
+                  "optimizer (transformers issue 39961)")
+
+
+def can_score_untrained(trainer: hl.LinearizeTrainer, skipped: str) -> bool:
+    """Whether ``trainer`` can translate before training: not under FSDP2 (`FSDP_UNTRAINED`), where ``skipped``
+    (what the run leaves out) is logged as a warning."""
+    if trainer.is_fsdp_enabled:
+        logger.warning("Skipping %s: %s. Score the model in a run without FSDP (one process, or DDP).", skipped,
+                       FSDP_UNTRAINED)
+    return not trainer.is_fsdp_enabled
+
+
+def check_inputs(model_args: ModelArguments, data: DataArguments, run: RunArguments,
+                 training: Seq2SeqTrainingArguments) -> None:
+    """The validation pass before anything is built (:mod:`hf_linearize.preflight`): output folder and resume,
+    Hub settings, the preset, the data files; ``ValueError`` naming the flag and the fix."""
+    check_output_dir(training, run.overwrite_output_dir)
+    check_hub(training)
+    if not model_args.model_name_or_path:
+        if not model_args.preset:
+            raise ValueError("Give --model_name_or_path (pretrained) or --preset (from scratch, e.g. "
+                             "transformer-small).")
+        if not (PRESETS / f"{model_args.preset}.yaml").is_file():
+            raise ValueError(f"Unknown --preset {model_args.preset!r}; available: "
+                             f"{sorted(p.stem for p in PRESETS.glob('*.yaml'))}.")
+    if data.data_dir and not Path(data.data_dir).is_dir():
+        raise ValueError(f"--data_dir {data.data_dir} is not a folder; give the folder of the Moses-style "
+                         "{split}.{lang}[.gz] files.")
+    check_files([("train_file", data.train_file), ("validation_file", data.validation_file),
+                 ("test_file", data.test_file)])
+
+
 def main() -> None:
-    model_args, data_args, lin_args, eval_args, one_shot_args, training = parse_with_config(
-        (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, Seq2SeqTrainingArguments))
+    try:  # bad inputs: one line and exit 1, before any corpus, tokenizer or model is built
+        model_args, data_args, lin_args, eval_args, one_shot_args, run_args, training = parse_with_config(
+            (ModelArguments, DataArguments, LinearizeArguments, EvalArguments, OneShotArguments, RunArguments,
+             Seq2SeqTrainingArguments))
+        check_inputs(model_args, data_args, run_args, training)
+        linearize_config = lin_args.to_config()
+        corpus = load_corpus(data_args)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         level=logging.INFO if training.should_log else logging.WARNING)
+    if training.resume_from_checkpoint:
+        logger.info("Resuming from %s", training.resume_from_checkpoint)
     set_seed(training.seed)
-    linearize_config = lin_args.to_config()
-    corpus = load_corpus(data_args)
     model, tokenizer = build_model(model_args, corpus, training)
     set_decoding(model, eval_args)
     linearize_config = patch_for_training(model, linearize_config)
@@ -241,7 +288,11 @@ def main() -> None:
                                             "linearize": linearize_config.to_dict(), "eval": asdict(eval_args),
                                             "one_shot": asdict(one_shot_args),
                                             "world_size": training.world_size, "seed": training.seed}}
-    if model_args.model_name_or_path and eval_args.eval_before_training:
+    if trainer.is_fsdp_enabled and not one_shot_args.train:
+        sys.exit(f"{Path(__file__).name}: error: --train false scores the one-shot model without training, and "
+                 f"{FSDP_UNTRAINED}; run it without FSDP (one process, or DDP).")
+    if model_args.model_name_or_path and eval_args.eval_before_training and can_score_untrained(
+            trainer, "the scores before training (--eval_before_training)"):
         results["before_training"] = {"scores": score(trainer, corpus, encoded, tokenizer, eval_args, None),
                                       "path_length": hl.path_length_report(model)}
     if one_shot_args.one_shot_budget is not None:
@@ -249,13 +300,20 @@ def main() -> None:
         results["one_shot"] = one_shot_args.linearize(model, encoded["train"], trainer.data_collator,
                                                       training.per_device_eval_batch_size,
                                                       progress=trainer.is_world_process_zero())
-        if one_shot_args.train:  # without training, the final scores below are the one-shot scores
+        # without training, the final scores below are the one-shot scores
+        if one_shot_args.train and can_score_untrained(trainer, "the one-shot model's scores before training"):
             results["one_shot"]["scores"] = score(trainer, corpus, encoded, tokenizer, eval_args, None)
     if one_shot_args.fit_targets:
         results["fit_targets"] = one_shot_args.fit(model, encoded["train"], trainer.data_collator,
                                                    training.per_device_eval_batch_size,
                                                    progress=trainer.is_world_process_zero())
+    interrupt = SaveOnInterrupt()
+    trainer.add_callback(interrupt)
     train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
+    if interrupt.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            print(interrupt.resume_hint(training.output_dir), file=sys.stderr)
+        sys.exit(130)
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
     if one_shot_args.one_shot_budget is not None and not one_shot_args.train:
         results["one_shot"]["scores"] = scores
@@ -267,8 +325,8 @@ def main() -> None:
                    log_history=trainer.state.log_history)
     headline = scores.get("test") or scores.get("validation") or {}
     trainer.accelerator.wait_for_everyone()
+    final_model = trainer.full_model()  # on every rank: under FSDP it gathers the sharded model onto rank 0
     if trainer.is_world_process_zero():
-        final_model = trainer.accelerator.unwrap_model(model)
         card = dict(metrics={k: headline[k] for k in ("bleu", "chrf") if k in headline},
                     dataset=data_args.dataset_name if not data_args.data_dir else Path(data_args.data_dir).name,
                     language=[data_args.source_lang, data_args.target_lang],

@@ -4,7 +4,7 @@ The server (standard library only) speaks the subset of the Hugging Face Hub API
 `transformers` use to create repos, commit regular (non-LFS) files and read them back: repo creation, YAML
 validation, repo info, tree listing, refs, preupload, NDJSON commits and `resolve` downloads, with the
 `X-Error-Code` headers that make the client raise `RepositoryNotFoundError`, `RevisionNotFoundError` and
-`EntryNotFoundError`; plus branch creation. Repos are git-like: a list of commits, each holding the full file
+`EntryNotFoundError`; plus branch creation and `whoami` (401 without the right token). Repos are git-like: a list of commits, each holding the full file
 map after it, and branches naming commits (`main` is created with the repo, holding `.gitattributes`, as on
 the Hub). Not supported: LFS/Xet uploads, pull requests, tags, access control of private repos (`private` is
 only reported).
@@ -250,6 +250,11 @@ class LocalHub:
                 return self._create_repo(json.loads(body))
             if method == "POST" and parts == ["api", "validate-yaml"]:
                 return _json({"errors": [], "warnings": []})
+            if method == "GET" and parts == ["api", "whoami-v2"]:
+                if headers.get("Authorization") is None:
+                    raise HubError(HTTPStatus.UNAUTHORIZED, "No token in Authorization header")
+                self._authorize(headers)
+                return _json({"type": "user", "name": self.user})
             if len(parts) >= 4 and parts[1] in API_TYPES:
                 repo = self._repo(API_TYPES[parts[1]], f"{parts[2]}/{parts[3]}")
                 return self._repo_api(repo, method, parts[4:], query, headers, body)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
+from typing import Optional
 
+import accelerate
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_CASES, run
+import transformers as tf
+from conftest import FAMILY_CASES, GLU_FFN_CASES, run
 from torch import nn
 
 import hf_linearize as hl
+from hf_linearize import calibration
 from hf_linearize.calibration import SiteMoments
 
 
@@ -224,3 +229,179 @@ def test_affine_targets_save_and_load_bit_identically(tmp_path):
         assert torch.equal(run(loaded, inputs), run(model, inputs))
     for (name, gate), (_, other) in zip(hl.gated_modules(model), hl.gated_modules(loaded)):
         assert torch.equal(gate.target_offset, other.target_offset) and other._affine == gate._affine, name
+
+
+# ------------------------------------------------------------------------------------------------ bounded memory
+def _batches_like(inputs: dict[str, torch.Tensor], count: int = 3, seed: int = 5) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randint(3, 64, v.shape, generator=g) if k.endswith("input_ids") else v for k, v in inputs.items()}
+            for _ in range(count)]
+
+
+def _blockwise_case(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model, inputs = {**FAMILY_CASES, **GLU_FFN_CASES}[name]()
+    return hl.patch_model(model.eval()), inputs
+
+
+@pytest.mark.parametrize("score", ["sensitivity", "residual"])
+@pytest.mark.parametrize("name", ["bert", "llama", "marian"])
+def test_blockwise_one_shot_equals_the_whole_model_path(name, score, caplog):
+    """Same units, targets and re-fits as the whole-model path (deep copy of the model as the reference), so the
+    same outputs up to rounding, and no fallback."""
+    model, inputs = _blockwise_case(name)
+    batches = _batches_like(inputs)
+    whole, blockwise = copy.deepcopy(model), copy.deepcopy(model)
+    expected = hl.one_shot(whole, batches, nonlinear_fraction=0.5, score=score, progress=False, blockwise=False)
+    with caplog.at_level("WARNING", logger="hf_linearize.calibration"):
+        got = hl.one_shot(blockwise, batches, nonlinear_fraction=0.5, score=score, progress=False)
+    assert "not possible" not in caplog.text
+    assert got["reconstruct"].keys() == expected["reconstruct"].keys() and got["reconstruct"]
+    for site, errors in expected["reconstruct"].items():
+        assert got["reconstruct"][site] == pytest.approx(errors, rel=1e-6, abs=1e-15), site
+    for (site, gate), (_, other) in zip(hl.gated_modules(blockwise), hl.gated_modules(whole)):
+        assert torch.equal(gate.alpha, other.alpha) and torch.equal(gate.target_offset, other.target_offset), site
+    with torch.no_grad():
+        torch.testing.assert_close(run(blockwise, inputs), run(whole, inputs), rtol=1e-5, atol=1e-6)
+    for key, value in expected.items():
+        if key == "layers":
+            assert [{**layer, "predicted_error": pytest.approx(layer["predicted_error"], rel=1e-9)}
+                    for layer in value.values()] == list(got[key].values())
+        elif key != "seconds" and key != "reconstruct":
+            assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_blockwise_reconstruct_equals_the_whole_model_reconstruct():
+    model, inputs = _blockwise_case("marian")
+    batches = _batches_like(inputs)
+    original = copy.deepcopy(model)
+    hl.linearize_one_shot(model, hl.calibrate(model, batches, progress=False), nonlinear_fraction=0.25)
+    whole = copy.deepcopy(model)
+    report = hl.reconstruct(model, original, batches, progress=False)
+    expected = hl.reconstruct(whole, original, batches, progress=False, blockwise=False)
+    assert report.keys() == expected.keys() and len(report) == 4
+    for site, errors in expected.items():
+        assert report[site] == pytest.approx(errors, rel=1e-6), site
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, inputs), run(whole, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_is_one_block_at_a_time(monkeypatch):
+    """Every deep copy one_shot makes is of one block at most (the whole-model path copies the model)."""
+    model, inputs = _blockwise_case("llama")
+    batches = _batches_like(inputs)
+    copied: list[int] = []
+    real = copy.deepcopy
+
+    def counting(obj: object, memo: Optional[dict] = None) -> object:
+        if isinstance(obj, nn.Module):
+            copied.append(sum(p.numel() for p in obj.parameters()))
+        return real(obj, memo)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    block = max(sum(p.numel() for p in b.parameters()) for _, b in calibration.find_blocks(model)[0].blocks)
+    hl.one_shot(model, batches, nonlinear_fraction=0.5, progress=False)
+    assert copied and max(copied) <= block < sum(p.numel() for p in model.parameters()) / 2
+    copied.clear()
+    hl.one_shot(_blockwise_case("llama")[0], batches, nonlinear_fraction=0.5, progress=False, blockwise=False)
+    assert max(copied) == sum(p.numel() for p in model.parameters())
+
+
+def test_find_blocks():
+    expected = {"bert": ["encoder.layer"], "llama": ["model.layers"],
+                "marian": ["model.encoder.layers", "model.decoder.layers"], "t5": ["encoder.block", "decoder.block"]}
+    for name, groups in expected.items():
+        found = calibration.find_blocks(_blockwise_case(name)[0])
+        assert [g.name for g in found] == groups and all(len(g.blocks) == 2 for g in found), name
+    mlp = hl.patch_model(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), example_inputs=torch.randn(2, 4))
+    assert calibration.find_blocks(mlp) == []
+
+
+def _block_chain() -> nn.Module:
+    """Blocks that end in their gated ReLU: a unit's gradient reaches it before its block is recomputed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)], nn.Linear(8, 2))
+    return hl.patch_model(net, example_inputs=torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("name", ["marian", "chain"])
+def test_checkpointed_sensitivity_changes_no_statistic(name):
+    model, inputs = (_block_chain(), None) if name == "chain" else _blockwise_case(name)
+    batches = [torch.randn(4, 8) for _ in range(3)] if name == "chain" else _batches_like(inputs)
+    assert calibration.find_blocks(model)
+    plain = hl.calibrate(model, batches, sensitivity=True, progress=False, checkpoint_blocks=False)
+    checkpointed = hl.calibrate(model, batches, sensitivity=True, progress=False)
+    for site, moments in plain.sensitivity.items():
+        for field in ("weight", "sum_x", "sum_xx", "sum_z", "sum_zz", "sum_xz"):
+            torch.testing.assert_close(getattr(checkpointed.sensitivity[site], field), getattr(moments, field),
+                                       rtol=1e-10, atol=1e-14)
+        assert float(moments.weight.sum()) > 0, site
+
+
+def test_models_whose_blocks_do_not_chain_take_the_whole_model_path(caplog):
+    """T5's first block hands its position bias to the others, and an MLP has no blocks: both fall back, logged,
+    to the whole-model path and get its result."""
+    model, inputs = _blockwise_case("t5")
+    batches = _batches_like(inputs)
+    whole = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="hf_linearize.calibration"):
+        hl.one_shot(model, batches, nonlinear_fraction=0.5, progress=False)
+    assert "encoder.block.1 gets other inputs than encoder.block.0" in caplog.text
+    hl.one_shot(whole, batches, nonlinear_fraction=0.5, progress=False, blockwise=False)
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), run(whole, inputs))
+    caplog.clear()
+    mlp = hl.patch_model(nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)), example_inputs=torch.randn(2, 4))
+    with caplog.at_level("WARNING", logger="hf_linearize.calibration"):
+        report = hl.one_shot(mlp, [torch.randn(8, 4) for _ in range(2)], nonlinear_fraction=0.5, progress=False)
+    assert "no list of repeated blocks" in caplog.text and report["reconstruct"]
+
+
+def _saved_llama(tmp_path) -> tuple[nn.Module, Path]:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = tf.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "llama")
+    return model, tmp_path / "llama"
+
+
+@pytest.mark.parametrize("offload", ["device_map", "cpu_offload"])
+def test_offloaded_models_are_calibrated_and_linearized(offload, tmp_path):
+    """A LLaMA whose layers Accelerate offloads (to disk and CPU through from_pretrained's device_map, or all of them
+    with cpu_offload), patched after dispatch: one_shot gives what the in-memory model gives on the whole-model path,
+    the re-fitted projections of offloaded layers are written to Accelerate's store, and the checkpoint on disk is
+    untouched."""
+    model, folder = _saved_llama(tmp_path)
+    checkpoint = (folder / "model.safetensors").read_bytes()
+    if offload == "device_map":
+        device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                      "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+        dispatched = tf.AutoModelForCausalLM.from_pretrained(folder, device_map=device_map,
+                                                             offload_folder=tmp_path / "offload").eval()
+    else:
+        dispatched = accelerate.cpu_offload(tf.AutoModelForCausalLM.from_pretrained(folder).eval(), "cpu")
+    assert dispatched.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    dispatched = hl.patch_model(dispatched)
+    in_memory = hl.patch_model(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 64, (2, 7), generator=g)} for _ in range(3)]
+    probe = {"input_ids": torch.randint(3, 64, (2, 9), generator=g)}
+    with torch.no_grad():
+        before = run(dispatched, probe)
+    for score in ("residual", "sensitivity"):
+        hl.one_shot(dispatched, batches, nonlinear_fraction=0.75, score=score, progress=False)
+        hl.one_shot(in_memory, batches, nonlinear_fraction=0.75, score=score, progress=False, blockwise=False)
+    with torch.no_grad():
+        after = run(dispatched, probe)
+        torch.testing.assert_close(after, run(in_memory, probe), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, before)
+    assert hl.summary(dispatched)["total"] == hl.summary(in_memory)["total"]
+    assert (folder / "model.safetensors").read_bytes() == checkpoint
+
+
+def test_offloaded_gates_are_refused():
+    model, inputs = _blockwise_case("llama")
+    accelerate.cpu_offload(model, "cpu")
+    with pytest.raises(ValueError, match="offloaded by Accelerate.*Patch the model after dispatching"):
+        hl.one_shot(model, _batches_like(inputs), nonlinear_fraction=0.5, progress=False)

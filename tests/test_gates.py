@@ -1,14 +1,18 @@
-"""Gate modules: exact endpoints, every activation type, channel layouts, dtypes."""
+"""Gate modules: exact endpoints, every activation type, channel layouts, dtypes, higher derivatives."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm.layers
 import torch
 import transformers.activations as hf_act
+from conftest import FAMILY_CASES, GLU_FFN_CASES, run
 from torch import nn
 
-from hf_linearize.gates import GatedActivation, SharedGatedActivation
+import hf_linearize as hl
+from hf_linearize.gates import ExpertGatedActivation, GatedActivation, SharedGatedActivation, _GateFunction
 
 ACTIVATIONS = {
     "relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(),
@@ -222,3 +226,133 @@ def test_targets_are_saved_and_old_state_dicts_load():
     assert not old._affine and torch.equal(old(x), x)
     with pytest.raises(ValueError, match="shape \\(4,\\)"):
         gate.set_targets(torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+CASTS = {
+    "half()": lambda m: m.half(),
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "to(cpu, float16)": lambda m: m.to("cpu", torch.float16),
+    "to(dtype=float64)": lambda m: m.to(dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_gates_stay_fp32_when_the_model_is_cast(cast):
+    """Every gate kind (plain, shared, per expert) keeps alpha, its targets and its gradient in fp32, with the same
+    values; the activation's own parameters (PReLU) follow the cast."""
+    def gate(init: float) -> GatedActivation:
+        return GatedActivation(nn.PReLU(4), 4, init=init)
+
+    model = nn.ModuleDict({"plain": gate(0.1), "shared": SharedGatedActivation([gate(0.2), gate(0.3)]),
+                           "experts": ExpertGatedActivation([gate(0.4), gate(0.5)])})
+    gates = [m for m in model.modules() if isinstance(m, GatedActivation)]
+    for g in gates:
+        g.set_targets(torch.full((4,), 1.1), torch.full((4,), 0.1))
+        g.alpha.grad = torch.full((4,), 0.7)
+    before = [{k: t.clone() for k, t in g.state_dict().items()} for g in gates]
+    CASTS[cast](model)
+    dtype = model["plain"].act.weight.dtype
+    assert dtype != torch.float32, "the activation's parameters follow the cast"
+    for g, saved in zip(gates, before):
+        assert {t.dtype for t in (g.alpha, g.alpha.grad, g.target_slope, g.target_offset)} == {torch.float32}
+        assert all(torch.equal(t, saved[k]) for k, t in g.state_dict().items()), "the values are unchanged"
+        x = torch.randn(3, 4, dtype=dtype)
+        assert g(x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["marian", "llama"])
+def test_a_cast_model_computes_in_its_dtype_and_is_bit_exact_at_gate_zero(case, dtype, monkeypatch):
+    """A model patched in fp32 and cast computes in the cast dtype; at gate 0 it gives the bits of the unpatched model
+    cast alike, also through the interpolation itself (as on an accelerator, where the all-zero shortcut is off)."""
+    torch.manual_seed(0)
+    model, inputs = {**FAMILY_CASES, **GLU_FFN_CASES}[case]()
+    reference = copy.deepcopy(model.eval()).to(dtype)
+    patched = hl.patch_model(model, example_inputs=inputs).to(dtype)
+    monkeypatch.setattr(GatedActivation, "_all_zero", lambda self: False)
+    with torch.no_grad():
+        expected = run(reference, inputs)
+        assert torch.equal(run(patched, inputs), expected) and expected.dtype == dtype
+    assert torch.equal(run(patched, inputs), expected), "the training path (autograd function) too"
+    hl.set_linear(patched, 0.5)
+    assert run(patched, inputs).dtype == dtype
+    assert {g.alpha.dtype for _, g in hl.gated_modules(patched)} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------ higher derivatives
+@pytest.mark.parametrize("kind", ["elementwise", "glu"])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("channel_dim, shape", [(-1, (2, 3, 4)), (1, (2, 4, 3))])
+def test_gate_function_has_exact_first_and_second_derivatives(kind, affine, channel_dim, shape):
+    """gradcheck and gradgradcheck (float64) of the autograd function, at all-zero gates (its shortcut) and at random
+    gates."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+    targets = (torch.rand(4, dtype=torch.float64, generator=generator) + 0.5,
+               torch.randn(4, dtype=torch.float64, generator=generator)) if affine else None
+    if targets is not None and kind == "glu":
+        targets = (torch.ones(4, dtype=torch.float64), targets[1])
+
+    def gate(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:  # all_zero as GatedActivation decides it
+        all_zero = not bool(alpha.detach().any())
+        return _GateFunction.apply(x, alpha, nn.GELU(), channel_dim, kind == "glu", all_zero, targets, None)
+
+    for alpha in (torch.zeros(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64, generator=generator)):
+        assert torch.autograd.gradcheck(gate, (x, alpha.requires_grad_()))
+        assert torch.autograd.gradgradcheck(gate, (x, alpha))
+
+
+def _gradient_penalty(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """``|d loss / d inputs_embeds|^2`` with ``create_graph=True``, backpropagated into the parameters."""
+    embeds = embeds.clone().requires_grad_()
+    out = model(inputs_embeds=embeds)[0]  # logits, or BERT's last hidden state
+    loss = (out * torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))).sum().pow(2)
+    (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
+    penalty = grad.pow(2).sum()
+    penalty.backward()
+    return penalty.detach()
+
+
+def _plain_gate(x, alpha, act, channel_dim, glu, all_zero, affine, act_x):
+    """The gate written out with plain autograd ops: the reference for ``_GateFunction``."""
+    y = act(x) if act_x is None else act_x
+    w = alpha.to(x.dtype)
+    if channel_dim % x.dim() != x.dim() - 1:
+        w = w.view(-1, *([1] * (x.dim() - 1 - channel_dim % x.dim())))
+    target = torch.ones_like(x) if glu else x
+    if affine is not None:
+        slope, offset = (t.to(x.dtype).view_as(w) for t in affine)
+        target = offset.expand_as(x) if glu else slope * x + offset
+    return w * target + (1 - w) * y
+
+
+@pytest.mark.parametrize("case", ["bert", "llama"])
+def test_a_gradient_penalty_through_a_patched_model(case, monkeypatch):
+    """Double backward works: at gate 0 the penalty and every parameter gradient equal the unpatched model's; at random
+    gates (affine targets included) they match the gate written out in plain autograd ops, gate gradients too."""
+    torch.manual_seed(0)
+    model, _ = {**FAMILY_CASES, **GLU_FFN_CASES}[case]()
+    model = copy.deepcopy(model).eval().double()  # its own config: the case's config is shared with other tests
+    model.set_attn_implementation("eager")  # torch's SDPA kernels have no double backward on the CPU
+    embeds = torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    hl.patch_model(model)
+    assert torch.equal(_gradient_penalty(model, embeds), _gradient_penalty(reference, embeds))
+    named = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        if not name.endswith("alpha"):
+            torch.testing.assert_close(param.grad, named[name].grad, rtol=1e-10, atol=1e-12)
+    generator = torch.Generator().manual_seed(1)
+    for _, gate in hl.gated_modules(model):
+        gate.alpha.data = torch.rand(gate.channels, generator=generator)
+        gate.set_targets(offset=torch.randn(gate.channels, generator=generator) * 0.1)
+    model.zero_grad()
+    penalty = _gradient_penalty(model, embeds)
+    grads = {name: param.grad for name, param in model.named_parameters()}  # None where unused (a pooler)
+    model.zero_grad()
+    monkeypatch.setattr(_GateFunction, "apply", _plain_gate)
+    torch.testing.assert_close(penalty, _gradient_penalty(model, embeds), rtol=1e-10, atol=0)
+    assert any(name.endswith("alpha") for name in grads)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, msg=name)  # the gates' fp32 gradients to fp32 rounding

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from typing import Any, Callable
 
+import httpx2 as httpx
 import huggingface_hub
 import pytest
 import safetensors.torch
@@ -187,9 +191,20 @@ def test_push_failure_keeps_local_save(tmp_path, linearized_marian):
     with LocalHub() as hub, hub_env(hub):
         endpoint = hub.endpoint
     with hub_env(endpoint=endpoint):  # the server is gone: connection refused on loopback
-        with pytest.raises(HubPushError, match=str(tmp_path / "second")):
+        with pytest.raises(HubPushError, match=f"the Hub at {endpoint} could not be reached .*"
+                                                f"{tmp_path / 'second'}"):
             hl.push_to_hub(model, "user/gone", save_directory=tmp_path / "second")
     _assert_bit_identical(hl.from_pretrained(tmp_path / "second"), model)
+
+
+def test_push_names_a_refused_token_and_an_invalid_repo_id(tmp_path, linearized_marian, no_retries):
+    model, _ = linearized_marian
+    with LocalHub(token="secret") as hub, hub_env(hub, token="wrong"):
+        with pytest.raises(HubPushError, match="answered 401 .*check the token"):
+            hl.push_to_hub(model, "user/denied", save_directory=tmp_path / "a")
+    with pytest.raises(ValueError, match="'user/has space' is not a valid Hub repo id"):
+        hl.push_to_hub(model, "user/has space", save_directory=tmp_path / "b")
+    assert not (tmp_path / "b").exists(), "an invalid repo id is refused before anything is saved"
 
 
 def test_checkpoint_errors_are_exported():
@@ -374,16 +389,74 @@ def test_a_missing_folder_that_could_be_a_repo_id_offline(tmp_path, monkeypatch)
         hl.from_pretrained("out/marian-lin")
     message = str(error.value)
     assert "There is no local folder 'out/marian-lin'" in message
-    assert "Hub repo 'out/marian-lin' (revision main) is not reachable or not found (OfflineModeIsEnabled" in message
+    assert "Hub repo 'out/marian-lin' (revision main) cannot be loaded: offline mode is on (HF_HUB_OFFLINE=1)" in message
     assert "Check the path" in message
 
 
-def test_a_missing_folder_and_a_missing_repo(tmp_path, monkeypatch):
+@pytest.fixture
+def no_retries(monkeypatch):
+    """The Hub client's backoff sleeps between retries; here a retry fails the test instead of waiting."""
+    def sleep(seconds):
+        raise AssertionError(f"the Hub client retried (would sleep {seconds} s)")
+
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", sleep)
+
+
+@pytest.fixture
+def unreachable_hub():
+    """``HF_HUB_OFFLINE`` unset and ``HF_ENDPOINT`` at a closed loopback port: the usual offline laptop."""
+    with LocalHub() as hub, hub_env(hub):
+        endpoint = hub.endpoint
+    with hub_env(endpoint=endpoint):  # the server is gone: connection refused
+        yield endpoint
+
+
+@pytest.mark.parametrize("call", [lambda: hl.from_pretrained("out/marian-lni"),
+                                  lambda: hl.from_pretrained("user/model", revision="v2")], ids=["path", "revision"])
+def test_an_unreachable_hub_is_reported_as_unreachable_without_retries(tmp_path, monkeypatch, unreachable_hub,
+                                                                       no_retries, call):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LinearizedCheckpointError) as error:
+        call()
+    message = str(error.value)
+    assert f"the Hub at {unreachable_hub} could not be reached (ConnectError" in message
+    assert "There is no local folder" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_the_cli_reports_an_unreachable_hub_in_one_line(tmp_path, unreachable_hub):
+    env = {**os.environ, "HF_ENDPOINT": unreachable_hub, "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([sys.executable, "-m", "hf_linearize.cli", "apl", "out/marian-lni"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "could not be reached" in result.stderr and "Retrying" not in result.stderr, result.stderr
+
+
+def test_a_missing_folder_and_a_missing_repo(tmp_path, monkeypatch, no_retries):
     monkeypatch.chdir(tmp_path)
     with LocalHub() as hub, hub_env(hub):
         with pytest.raises(LinearizedCheckpointError, match=r"There is no local folder 'user/nothing' .*, and Hub repo "
-                                                            r"'user/nothing' .* not found \(RepositoryNotFoundError"):
+                                                            r"'user/nothing' .* answered 404 \(RepositoryNotFoundError"):
             hl.from_pretrained("user/nothing")
+
+
+def test_a_missing_revision_is_an_answered_404(tmp_path, linearized_marian, no_retries):
+    model, _ = linearized_marian
+    with LocalHub() as hub, hub_env(hub):
+        hl.push_to_hub(model, "user/marian-lin")
+        with pytest.raises(LinearizedCheckpointError, match=r"revision v9\) cannot be loaded: the Hub at .* answered "
+                                                            r"404 \(RevisionNotFoundError"):
+            hl.from_pretrained("user/marian-lin", revision="v9")
+
+
+@pytest.mark.parametrize("status, words", [(401, "check the token"), (403, "lacks permission"),
+                                           (404, "check the repo id"), (500, "answered 500")])
+def test_hub_failure_names_the_answer_and_the_fix(status, words):
+    request = httpx.Request("GET", "http://127.0.0.1:1/api/models/user/x")
+    error = huggingface_hub.errors.HfHubHTTPError("refused", response=httpx.Response(status, request=request))
+    message = hub.hub_failure(error, "http://127.0.0.1:1")
+    assert message.startswith(f"the Hub at http://127.0.0.1:1 answered {status} (HfHubHTTPError: refused)")
+    assert words in message
+    assert "could not be reached (ConnectTimeout" in hub.hub_failure(httpx.ConnectTimeout("slow"))
 
 
 def test_a_file_is_not_a_checkpoint_folder(tmp_path):
@@ -561,12 +634,65 @@ def test_sharded_checkpoints_round_trip_and_replace_a_single_file_one(tmp_path, 
         hl.from_pretrained(tmp_path)
 
 
-def test_gates_cast_after_patching_keep_their_dtype(tmp_path):
+def test_a_model_cast_after_patching_comes_back_in_its_dtype_with_fp32_gates(tmp_path):
+    """Gates stay fp32 in a bf16 model, in the file and after loading, also from a file that holds them in bf16 (as
+    saved before gates kept fp32); dtype= (torch_dtype=) loads the model in another dtype, gates still fp32."""
     model = _linearized("llama").to(torch.bfloat16)
     hl.save_pretrained(model, tmp_path)
     loaded = hl.from_pretrained(tmp_path)
-    assert {gate.alpha.dtype for _, gate in hl.gated_modules(loaded)} == {torch.bfloat16}
+    assert {p.dtype for n, p in loaded.named_parameters() if not n.endswith("alpha")} == {torch.bfloat16}
+    assert {gate.alpha.dtype for _, gate in hl.gated_modules(loaded)} == {torch.float32}
     _assert_bit_identical(loaded, model)
+    wide = hl.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {t.dtype for t in wide.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    half = hl.from_pretrained(tmp_path, torch_dtype="float16").state_dict()
+    gate_keys = {k for k in half if k.endswith(("alpha", "target_slope", "target_offset"))}
+    assert {half[k].dtype for k in gate_keys} == {torch.float32}
+    assert {t.dtype for k, t in half.items() if k not in gate_keys and t.is_floating_point()} == {torch.float16}
+    _edit_weights(tmp_path, lambda state: state.update({k: v.bfloat16() for k, v in state.items() if "alpha" in k}))
+    old = hl.from_pretrained(tmp_path)
+    assert {gate.alpha.dtype for _, gate in hl.gated_modules(old)} == {torch.float32}
+    assert all(torch.equal(gate.alpha, gate.alpha.bfloat16().float()) for _, gate in hl.gated_modules(old))
+
+
+def _timm_vit() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5)
+    return model.eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("patched_in", [torch.float32, torch.bfloat16])
+def test_a_timm_model_comes_back_in_its_saved_dtype(tmp_path, patched_in):
+    """config.json records a timm model's dtype and loading builds it in that dtype, as transformers does: a bf16 ViT
+    comes back bf16 with the same outputs (patched in bf16 it did not load: an fp32 rebuild cannot run its bf16
+    probe). dtype=/torch_dtype= load it in another dtype."""
+    model, x = _timm_vit()
+    hl.patch_model(model.to(patched_in), example_inputs=x[:1].to(patched_in))
+    hl.set_linear(model, 0.5)
+    hl.path_length_report(model)  # saving traces the path graph on the probe as recorded (fp32 pixels for the fp32
+    # case), which recorded_probe does not cast to the model's dtype: trace it before the cast
+    model, x = model.to(torch.bfloat16), x.bfloat16()
+    hl.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = hl.from_pretrained(tmp_path)
+    _assert_bit_identical(loaded, model)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected)
+        for kwargs in ({"dtype": torch.float32}, {"torch_dtype": "float32"}):
+            wide = hl.from_pretrained(tmp_path, **kwargs)
+            assert {t.dtype for t in wide.state_dict().values()} == {torch.float32}
+            torch.testing.assert_close(wide(x.float()), expected.float(), rtol=0,
+                                       atol=4 * torch.finfo(torch.bfloat16).eps * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"dtype": "int8"}, "must be a floating torch.dtype"),
+                                             ({"dtype": "bfloat16", "torch_dtype": torch.float16}, "differ")])
+def test_a_dtype_that_cannot_be_loaded_is_refused(tmp_path, linearized_resnet, kwargs, message):
+    hl.save_pretrained(linearized_resnet[0], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        hl.from_pretrained(tmp_path, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ refused saves

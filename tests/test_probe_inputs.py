@@ -215,3 +215,61 @@ def test_malformed_spec_is_a_value_error() -> None:
         inputs_from_spec({"kind": "list", "items": []})
     with pytest.raises(ValueError, match=r"spec\['items'\]\['x'\]"):
         inputs_from_spec({"kind": "dict", "items": {"x": {"kind": "tensor", "shape": [2], "dtype": "floaty"}}})
+
+
+def _llama() -> nn.Module:
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def test_the_recorded_probe_feeds_tokens_not_padding():
+    """Zeros are LLaMA's padding token here: the recorded probe rebuilt as zeros gave all-zero logits, so fold's
+    output check compared zeros with zeros. The rebuilt probe holds real tokens, modulo the vocabulary."""
+    import hf_linearize as hl
+    from hf_linearize.patching import patch_state
+    from hf_linearize.probe_inputs import recorded_probe
+
+    model = hl.patch_model(_llama(), example_inputs={"input_ids": torch.zeros(2, 9, dtype=torch.long)})
+    probe = recorded_probe(model, patch_state(model).probe)
+    assert probe["input_ids"].shape == (2, 9) and probe["input_ids"].dtype == torch.long
+    assert probe["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 2, 5, 6, 7]
+    with torch.no_grad():
+        assert model(**probe).logits.abs().amax() > 0
+
+
+def test_a_wrong_fold_on_the_recorded_probe_is_caught(monkeypatch):
+    import hf_linearize as hl
+    from hf_linearize import folding
+
+    model = hl.patch_model(_llama())
+    hl.set_linear(model, 0.5)
+    real = folding._linear_response
+
+    def wrong(gate, units):
+        slope, offset = real(gate, units)
+        return slope * 0, offset
+
+    monkeypatch.setattr(folding, "_linear_response", wrong)
+    with pytest.raises(RuntimeError, match="fold changed the model's output"):
+        hl.fold(model)  # no example_inputs: the recorded probe is the check
+
+
+def test_the_recorded_probe_follows_a_cast_of_the_model(tmp_path):
+    """A timm model cast to bf16 after patching: the probe's pixels follow it, so saving (its path-graph trace)
+    and folding work without example_inputs."""
+    import hf_linearize as hl
+
+    model = hl.patch_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                                             num_classes=3)).eval()
+    hl.set_linear(model, 0.5)
+    model.to(torch.bfloat16)
+    hl.save_pretrained(model, tmp_path)
+    folded = hl.fold(model)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert folded(x).dtype == torch.bfloat16
+    loaded = hl.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -184,8 +184,9 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     third = _sweep("--output_dir", str(out))
     assert "8 of 8 runs done, 0 to run." in third and "[sweep] running" not in third
     (out / "results.csv").unlink()
-    partial = _sweep("--output_dir", str(out), "--schedules", "early", "--report_only")  # tables of a slice
-    assert "[sweep] running" not in partial and len((out / "results.csv").read_text().splitlines()) == 1 + 3
+    partial = _sweep("--output_dir", str(out), "--schedules", "early", "--report_only")  # a slice's report
+    assert "[sweep] running" not in partial
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 8, "it keeps every finished run"
     _sweep("--output_dir", str(out), "--report_only")
 
     with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
@@ -280,3 +281,37 @@ def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
     assert existing.external and existing.directory == run.directory
     sweep._warn_if_changed(loaded, existing, None, ["--seed", "4"])  # read, not run, by this sweep
     assert capsys.readouterr().out == ""
+
+
+def test_a_slice_reports_every_finished_run_of_the_folder(tmp_path):
+    """Runs of other slices (other budgets, schedules, methods), read from their sweep_run.json, join the tables."""
+    sweep = load_script(SWEEP)
+    full = sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.5, 0.3], schedules=["early", "late",
+                                                                                            "one_shot"])
+    for run in sweep.plan(full):
+        run.directory.mkdir(parents=True)
+        (run.directory / "results.json").write_text("{}")
+        command = sweep.recipe_command(full, run, None, [])
+        (run.directory / "sweep_run.json").write_text(json.dumps({"command": command, "wall_s": 1.0}))
+    (tmp_path / "runs" / "early_nf0.9_lam1").mkdir()  # a failed run: not finished, not reported
+    planned = sweep.plan(sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.5], schedules=["early"]))
+    assert [run.name for run in planned] == ["baseline", "early_nf0.5_lam1"]
+    runs = sweep.folder_runs(full, planned)
+    assert runs[:2] == planned and [run.schedule for run in runs] == [run.schedule for run in sweep.plan(full)]
+    assert sorted((run.name, run.schedule, run.budget_target, run.prior_lambda) for run in runs) == sorted(
+        (run.name, run.schedule, run.budget_target, run.prior_lambda) for run in sweep.plan(full))
+
+
+def test_report_only_and_compare_say_what_they_found(tmp_path, capsys):
+    sweep = load_script(SWEEP)
+    assert sweep.main(["--config", str(TINY), "--output_dir", str(tmp_path / "none"), "--report_only"]) == 1
+    assert f"no finished run in {tmp_path / 'none' / 'runs'}" in capsys.readouterr().out
+    config = tmp_path / "multi30k.yaml"  # a README sweep, whose tables are committed under results/sweeps
+    data = yaml.safe_load((TINY.parent / "multi30k.yaml").read_text(encoding="utf-8"))
+    data.update(base_config=str(TINY.parent.parent / "multi30k.yaml"), output_dir=str(tmp_path / "multi30k"))
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert sweep.main(["--config", str(config), "--report_only"]) == 1
+    assert f"committed tables and plots are in {ROOT / 'results' / 'sweeps' / 'multi30k'}/" in capsys.readouterr().out
+    assert sweep.main(["--compare", str(config), "--output_dir", str(tmp_path / "both")]) == 1
+    out = capsys.readouterr().out
+    assert "has a finished run to compare" in out and f"are not shipped, their tables and plots are: {ROOT}" in out

@@ -234,3 +234,97 @@ def test_offline_hub_dataset_fails_fast(tmp_path):
                  "--dataset_name", "wmt16", "--dataset_config_name", "de-en"])
     assert done.returncode != 0
     assert "Cannot download dataset 'wmt16'" in done.stderr and "--data_dir" in done.stderr
+
+
+@pytest.fixture
+def guarded_recipe(monkeypatch):
+    """The recipe module with every expensive step (synthetic corpus, tokenizer, model) replaced by a failure: a
+    bad input must stop the run before any of them."""
+    recipe = load_script(RECIPE)
+
+    def built(*args, **kwargs):
+        raise AssertionError("an expensive step ran before the bad input was refused")
+
+    for name in ("load_synthetic", "train_shared_tokenizer", "build_model"):
+        monkeypatch.setattr(recipe, name, built)
+    return recipe
+
+
+def _refused(recipe, monkeypatch, *flags: str) -> str:
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--config", str(SYNTHETIC), *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main()
+    message = str(exit_info.value.code)
+    assert message.startswith("translate_wmt.py: error: "), message
+    return message
+
+
+def _jsonl(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_bad_inputs_are_refused_before_anything_is_built(tmp_path, monkeypatch, guarded_recipe):
+    out = tmp_path / "out"
+    cases = {
+        "Unknown --preset 'transformer-huge'; available: ['transformer-base'": ["--preset", "transformer-huge"],
+        "did you mean --prior_lambda for --prior_lamda": ["--prior_lamda", "5"],
+        f"--output_dir {tmp_path / 'file' / 'run'} cannot be created: {tmp_path / 'file'} is a file":
+            ["--output_dir", str(tmp_path / "file" / "run")],
+        "--train_file /nowhere/train.jsonl does not exist": ["--train_file", "/nowhere/train.jsonl"],
+        f"--train_file {tmp_path / 'empty.jsonl'} is empty": ["--train_file", str(tmp_path / "empty.jsonl")],
+        "--data_dir /nowhere is not a folder": ["--data_dir", "/nowhere"],
+        "--hub_model_id 'me/bad name' is not a valid Hub repo id": ["--push_to_hub", "true", "--hub_model_id",
+                                                                    "me/bad name"],
+        "has no checkpoint-* folder": ["--resume_from_checkpoint", "true"],
+    }
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    for expected, flags in cases.items():
+        message = _refused(guarded_recipe, monkeypatch, "--output_dir", str(out), *flags)
+        assert expected in message, (flags, message)
+    assert not out.exists(), "nothing is left behind"
+
+
+def test_data_without_pairs_is_refused_before_the_tokenizer(tmp_path, monkeypatch, guarded_recipe):
+    """Used to log "Dropped 0 of 0 training pairs", fail later at the probe forward pass and leave tokenizer/."""
+    out = tmp_path / "out"
+    blank = _jsonl(tmp_path / "blank.jsonl", ["", "  "])
+    message = _refused(guarded_recipe, monkeypatch, "--output_dir", str(out), "--train_file", blank)
+    assert "No training pairs: 0 read from the training data" in message
+    train = _jsonl(tmp_path / "train.jsonl", ['{"en": "a dog", "de": "ein Hund"}'])
+    empty_test = _jsonl(tmp_path / "test.jsonl", [""])
+    message = _refused(guarded_recipe, monkeypatch, "--output_dir", str(out), "--train_file", train,
+                       "--test_file", empty_test)
+    assert "The test data hold no pairs" in message
+    moses = tmp_path / "moses"
+    moses.mkdir()
+    for name in ("train.en", "train.de"):
+        (moses / name).write_text("")
+    message = _refused(guarded_recipe, monkeypatch, "--output_dir", str(out), "--data_dir", str(moses))
+    assert "No training pairs" in message
+    assert not out.exists()
+
+
+def test_an_earlier_run_is_never_overwritten(tmp_path, monkeypatch, guarded_recipe):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"scores": "earlier"}')
+    message = _refused(guarded_recipe, monkeypatch, "--output_dir", str(out))
+    assert "already holds an earlier run (results.json)" in message and "--overwrite_output_dir true" in message
+    assert (out / "results.json").read_text() == '{"scores": "earlier"}'
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--config", str(SYNTHETIC), "--output_dir", str(out),
+                                      "--overwrite_output_dir", "true"])
+    with pytest.raises(AssertionError, match="an expensive step ran"):  # accepted: it goes on to build the corpus
+        guarded_recipe.main()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
+def test_a_gpu_config_says_so_on_a_cpu(monkeypatch, tmp_path, guarded_recipe):
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), "--config", str(ROOT / "recipes" / "configs" / "wmt16_de_en.yaml"),
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        guarded_recipe.main()
+    message = str(exit_info.value.code)
+    assert "wmt16_de_en.yaml sets bf16: true, mixed-precision training on a GPU, and this machine has none" in message
+    assert "add --bf16 false" in message
