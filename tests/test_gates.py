@@ -244,7 +244,7 @@ def test_gates_stay_fp32_when_the_model_is_cast(cast):
     def gate(init: float) -> GatedActivation:
         return GatedActivation(nn.PReLU(4), 4, init=init)
 
-    model = nn.ModuleDict({"plain": gate(0.1), "shared": SharedGatedActivation([gate(0.2), gate(0.3)]),
+    model = nn.ModuleDict({"plain": gate(0.1), "tied": SharedGatedActivation([gate(0.2), gate(0.3)]),
                            "experts": ExpertGatedActivation([gate(0.4), gate(0.5)])})
     gates = [m for m in model.modules() if isinstance(m, GatedActivation)]
     for g in gates:
