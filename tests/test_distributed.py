@@ -42,7 +42,10 @@ def _pythonpath() -> str:
 def _launch(flags: list[str], *args: str | Path, **env: str) -> subprocess.CompletedProcess:
     """``accelerate launch FLAGS tests/scripts/distributed_train.py ARGS`` on 2 CPU processes; fails the test with
     the output's tail unless it exits 0."""
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    # Accelerate and TrainingArguments built in this process write ACCELERATE_*/FSDP_* variables into os.environ;
+    # a launch must see only its own flags.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    environment = {**inherited, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "HF_HUB_OFFLINE": "1", "PYTHONPATH": _pythonpath(), **env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--main_process_port", str(free_port()),
                str(SCRIPTS / "distributed_train.py"), *map(str, args)]
