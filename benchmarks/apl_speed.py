@@ -5,18 +5,21 @@ and runs the dynamic program; the target is well under 50 ms per call. Building 
 traced forward pass of the first call (its structure is kept on the patch state), take a few seconds and are not
 timed.
 
-Run from the repository root: python -m benchmarks.apl_speed
+Run from the repository root: ``python -m benchmarks.apl_speed [--repeats 50] [--json results/apl_speed/cpu.json]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import transformers as tf
 
 import hf_linearize as hl
+from benchmarks.record import Record
 from hf_linearize.core_map import average_path_length, model_graph
 
 D_MODEL, D_FF, LAYERS = 1024, 4096, 12
@@ -47,7 +50,12 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(repeats: int = 50) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls of each form (default 50)")
+    parser.add_argument("--json", type=Path, help="also write the medians there")
+    args = parser.parse_args()
+    record, repeats = Record(), args.repeats
     model = build_model()
     torch.set_num_threads(1)
     graph = model_graph(model)
@@ -55,15 +63,17 @@ def main(repeats: int = 50) -> None:
           f"{sum(len(s) for s in graph.succ)} edges")
     print(f"normalized APL = {average_path_length(model, True):.6f}, "
           f"unnormalized APL = {average_path_length(model, False):.6f}")
+    medians = {}
     for label, fn in (
         ("average_path_length(normalized=True) ", lambda: average_path_length(model, True)),
         ("average_path_length(normalized=False)", lambda: average_path_length(model, False)),
         ("both forms                           ", lambda: (average_path_length(model, True),
                                                            average_path_length(model, False))),
     ):
-        ms = median_ms(fn, repeats)
+        ms = medians[label.strip()] = median_ms(fn, repeats)
         print(f"{label}: median {ms:.3f} ms over {repeats} runs "
               f"({ms / TARGET_MS:.4f} of the {TARGET_MS:.0f} ms target)")
+    record.save(args.json, repeats=repeats, threads=1, graph_nodes=len(graph), median_ms=medians, target_ms=TARGET_MS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ by ``torch.utils.flop_counter`` on the same workload; the FFN row from the fold 
 Targets at 90%: FFN >= 4.5x, forward >= 1.6x, generate >= 1.2x; at 0% the folded model at most 1.03x slower.
 
 Run from the repository root: ``python -m benchmarks.fold_speed [--reps 3] [--threads 1 2] [--densities 0 0.9]
-[--no_vision]``.
+[--no_vision] [--json results/fold_speed/cpu.json]``. ``--json`` writes every printed row (speed-ups, FLOP ratios,
+median times in ms, parameter counts), the settings, the load average before and after, and the wall time: the
+README's tables are that file (``tests/test_readme.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+from pathlib import Path
 from typing import Any, Callable
 
 import timm
@@ -39,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hf_linearize as hl
 from benchmarks.gate_overhead import measure
+from benchmarks.record import Record
 
 DENSITIES = (0.0, 0.5, 0.75, 0.9, 1.0)
 TARGETS = {0.9: {"ffn": 4.5, "forward": 1.6, "generate": 1.2}, 0.0: {"ffn": 1 / 1.03, "forward": 1 / 1.03,
@@ -106,10 +109,12 @@ def compare(gated: Callable[[], Any], folded: Callable[[], Any], reps: int, warm
     return {"speedup": 1 / result["ratio"], "gated_ms": 1e3 * result["base"], "folded_ms": 1e3 * result["patched"]}
 
 
-def marian_rows(densities: list[float], threads: list[int], reps: int, warmup: int) -> bool:
+def marian_rows(densities: list[float], threads: list[int], reps: int, warmup: int) -> list[dict[str, Any]]:
+    """One row per density and thread count (printed as a table as it is measured); ``met`` is False where a
+    target of ``TARGETS`` was missed."""
     torch.manual_seed(0)
     base = marian_base()
-    ok = True
+    rows = []
     print(f"Marian d=512, 6+6 layers, FFN 2048, vocab {base.config.vocab_size}: FFN blocks on {FFN_TOKENS} tokens; "
           f"forward on {BATCH} x ({SOURCE_LEN}+{TARGET_LEN}) tokens; beam-4 generate of {GEN_SENTENCES} sentences, "
           f"{GEN_TOKENS} new tokens\n")
@@ -133,23 +138,29 @@ def marian_rows(densities: list[float], threads: list[int], reps: int, warmup: i
         for n in threads:
             torch.set_num_threads(n)
             cells, gated_ms = [], []
+            row: dict[str, Any] = {"threads": n, "linear": density, "params_gated": params(gated),
+                                   "params_folded": params(folded), "generate_identical": same, "met": True}
             for key in ("ffn", "forward", "generate"):
                 result = compare(work_gated[key], work_folded[key], reps, warmup)
                 target = TARGETS.get(density, {}).get(key)
                 missed = target is not None and result["speedup"] < target
-                ok &= not missed
+                row["met"] &= not missed
+                row[key] = {**result, "flop_ratio": flop_ratio[key]}
                 cells.append(f"{result['speedup']:.2f} ({flop_ratio[key]:.2f}){' MISSED' if missed else ''}")
                 gated_ms.append(f"{result['gated_ms']:.0f}")
+            rows.append(row)
             print(f"| {n} | {density:.0%} | {params(gated) / 1e6:.1f}M -> {params(folded) / 1e6:.1f}M | "
                   + " | ".join(cells) + f" | {' / '.join(gated_ms)} |" + ("" if same else " generate DIFFERS"),
                   flush=True)
-    return ok
+    return rows
 
 
-def vision_rows(threads: list[int], reps: int, warmup: int) -> None:
+def vision_rows(threads: list[int], reps: int, warmup: int) -> list[dict[str, Any]]:
+    """One row per timm model and thread count, at 90% linear units (printed as it is measured)."""
     images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     print("\n| model (90% linear) | threads | params gated -> folded | forward x (FLOPs x) | gated ms |")
     print("|---|---|---|---|---|")
+    rows = []
     for name in ("resnet18", "vit_tiny_patch16_224"):
         torch.manual_seed(0)
         gated = hl.patch_model(timm.create_model(name, pretrained=False).eval())
@@ -159,8 +170,11 @@ def vision_rows(threads: list[int], reps: int, warmup: int) -> None:
         for n in threads:
             torch.set_num_threads(n)
             result = compare(lambda: gated(images), lambda: folded(images), reps, warmup)
+            rows.append({"model": name, "threads": n, "linear": 0.9, "params_gated": params(gated),
+                         "params_folded": params(folded), "forward": {**result, "flop_ratio": flop_ratio}})
             print(f"| {name} | {n} | {params(gated) / 1e6:.2f}M -> {params(folded) / 1e6:.2f}M | "
                   f"{result['speedup']:.2f} ({flop_ratio:.2f}) | {result['gated_ms']:.0f} |", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -172,15 +186,16 @@ def main() -> int:
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
                         help="fractions of linear FFN units (default: 0 0.5 0.75 0.9 1)")
     parser.add_argument("--no_vision", action="store_true", help="skip the ResNet-18 and ViT-Tiny rows")
+    parser.add_argument("--json", type=Path, help="also write every row, the settings and the wall time there")
     args = parser.parse_args()
-    start = time.perf_counter()
+    record = Record()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; {args.reps} interleaved repetitions after "
           f"{args.warmup} warm-up; speed-up = median of gated/folded time (FLOP ratio in brackets)\n")
-    ok = marian_rows(args.densities, args.threads, args.reps, args.warmup)
-    if not args.no_vision:
-        vision_rows(args.threads, args.reps, args.warmup)
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
-    return 0 if ok else 1
+    marian = marian_rows(args.densities, args.threads, args.reps, args.warmup)
+    vision = [] if args.no_vision else vision_rows(args.threads, args.reps, args.warmup)
+    wall = record.save(args.json, reps=args.reps, warmup=args.warmup, marian=marian, vision=vision)
+    print(f"\nwall time {wall:.0f} s")
+    return 0 if all(row["met"] for row in marian) else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ alike; the reported ratio is the median over repetitions of patched time / unpat
 repetition (the ratio of the two medians is printed beside it). Targets: at most 1.05 for training, 1.03 for
 inference. Exit status 1 when a target is missed.
 
-Run from the repository root: ``python -m benchmarks.gate_overhead [--reps 11]``.
+Run from the repository root: ``python -m benchmarks.gate_overhead [--reps 11]
+[--json results/gate_overhead/cpu.json]``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers as tf
 
 import hf_linearize as hl
+from benchmarks.record import Record
 
 TARGETS = {"training step": 1.05, "inference": 1.03}
 BATCH, SOURCE_LEN, TARGET_LEN = 16, 32, 32
@@ -94,7 +97,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="timed repetitions of each model (default 11)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    parser.add_argument("--json", type=Path, help="also write the results there (seconds, ratios, targets)")
     args = parser.parse_args()
+    record = Record()
 
     torch.manual_seed(0)
     base = marian_opus_mt_shape()
@@ -107,14 +112,15 @@ def main() -> int:
     print(f"patched: {len(list(hl.gated_modules(patched)))} gated sites, {summary['units']} units, all gates 0")
     print(f"{args.reps} interleaved repetitions after {args.warmup} warm-up\n")
     print(f"{'':<14} {'unpatched ms':>13} {'patched ms':>11} {'ratio':>7} {'target':>7}  (ratio of the medians)")
-    ok = True
+    results = {}
     for label, make in (("training step", training_step), ("inference", inference)):
         result = measure(make(base, inputs), make(patched, inputs), args.reps, args.warmup)
         passed = result["ratio"] <= TARGETS[label]
-        ok &= passed
+        results[label] = {**result, "target": TARGETS[label], "met": passed}
         print(f"{label:<14} {1e3 * result['base']:>13.1f} {1e3 * result['patched']:>11.1f} {result['ratio']:>7.3f} "
               f"{TARGETS[label]:>7.2f}  {'ok' if passed else 'MISSED':<6}  ({result['ratio_of_medians']:.3f})")
-    return 0 if ok else 1
+    record.save(args.json, threads=torch.get_num_threads(), reps=args.reps, warmup=args.warmup, results=results)
+    return 0 if all(result["met"] for result in results.values()) else 1
 
 
 if __name__ == "__main__":

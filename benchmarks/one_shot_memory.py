@@ -20,8 +20,9 @@ peak is within the target ``1.3 W + A``.
 
 Allocators: ``default`` is glibc's malloc as it comes. Its mmap threshold grows to the size of the largest freed
 block (up to 32 MiB: here the 31 MiB logits), after which tensors below it come from the heap, which keeps freed
-memory and fragments, so the resident peak exceeds the live peak. ``fixed`` runs with ``MALLOC_MMAP_THRESHOLD_=131072``
-(a fixed threshold: every tensor above 128 KiB is mapped and unmapped), whose peak is close to the live peak.
+memory and fragments, so the resident peak would exceed the live peak; ``one_shot`` hands the free heap pages back
+(``malloc_trim``) after calibration and after each block. ``fixed`` runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (a
+fixed threshold: every tensor above 128 KiB is mapped and unmapped), whose peak is close to the live peak.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import importlib
 import importlib.resources
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("llama-300m", "minilm")
@@ -135,7 +137,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*args.child)))
         return
-    rows = []
+    record, rows = Record(), []
     print(f"{'model':<11} {'path':<9} {'malloc':<7} {'params':>7} {'W MiB':>7} {'A MiB':>6} {'peak MiB':>8} "
           f"{'peak/W':>6} {'target':>6} {'seconds':>7}")
     for model_name in args.models:
@@ -155,11 +157,8 @@ def main() -> None:
                       f"{row['weights_bytes'] / mib:>7.0f} {row['activations_bytes'] / mib:>6.1f} "
                       f"{row['peak_bytes'] / mib:>8.0f} {row['ratio']:>6.2f} {verdict:>6} {row['seconds']:>7.1f}",
                       flush=True)
-    if args.json:
-        machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-        args.json.write_text(json.dumps({"target": f"peak <= {TARGET} W + A", "machine": machine, "rows": rows},
-                                        indent=2) + "\n", encoding="utf-8")
+    wall = record.save(args.json, target=f"peak <= {TARGET} W + A", rows=rows)
+    print(f"wall time {wall:.0f} s")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ three phases, none of which copies the model:
    the whole-model path's (same units, targets and re-fits, up to floating-point rounding). Besides the model, the
    peak holds the calibration activations at one block boundary (two streams), one block's changing projections
    and one re-fit's normal equations (an fp64 Gram matrix, factored in place, of the projection's input width
-   squared).
+   squared). On glibc the freed heap pages are handed back to the system after calibration and after each block
+   (``malloc_trim``), so that the resident peak stays near the live one.
 
 Blocks are used only where the first batch shows that they chain: each runs once per forward pass, in order, its
 hidden-state input is the previous block's output, and its other inputs equal the first block's (T5, whose first
@@ -75,11 +76,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import json
 import logging
 import math
+import platform
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -373,6 +377,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: Optional[in
                         backward = False
                         for waiting in itertools.chain(waiting_xz.values(), waiting_grad.values()):
                             waiting.clear()
+                    del output, projection
+                    _release_freed_memory()
                 seen += 1
     finally:
         for handle in handles:
@@ -437,6 +443,28 @@ def _checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = forward
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim`` (None on other C libraries)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim(0)``; nothing elsewhere).
+
+    After the calibration pass freed its logits (tens of MiB), glibc serves every smaller tensor from its heap and
+    keeps what is freed there: block after block, the resident memory would grow past what is live. Called between
+    blocks, this keeps the resident peak near the live one (``benchmarks/one_shot_memory.py``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # ------------------------------------------------------------------------------------------------ offloading
@@ -1064,6 +1092,7 @@ def _reconstruct_blocks(model: nn.Module, streams: _Streams, batches: list[Any],
                     calls[k] = calls[k].replaced(slot, calls[k].run(block))
                     original[k] = original[k].replaced(slot, original[k].run(reference))
                 del reference
+                _release_freed_memory()
                 bar.update()
     return report
 
@@ -1178,6 +1207,7 @@ def one_shot(model: nn.Module, batches: Iterable[Any], nonlinear_fraction: Optio
     batches = _batch_list(model, batches, max_batches)
     stats = calibrate(model, batches, sensitivity=score == "sensitivity", progress=progress,
                       checkpoint_blocks=blockwise)
+    _release_freed_memory()
     if not compensate:
         report = linearize_one_shot(model, stats, nonlinear_fraction=nonlinear_fraction, apl=apl, target=target,
                                     score=score)

