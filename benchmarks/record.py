@@ -1,5 +1,5 @@
-"""A benchmark's measurements as one JSON file, with what is needed to read them: versions, CPU cores, torch
-threads, the load average before and after (other jobs on the machine), and the wall time of the whole run.
+"""A benchmark's measurements as one JSON file, with what is needed to read them: versions, CPU cores,
+``OMP_NUM_THREADS``, the load average before and after (other jobs on the machine), and the wall time of the run.
 
 The README's measured numbers are these files (under ``results/``), and ``tests/test_readme.py`` checks that the
 two agree. Run as a script, it times any command and writes its ``run.json`` (the recipes write their own

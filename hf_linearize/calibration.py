@@ -58,8 +58,8 @@ three phases, none of which copies the model:
    the whole-model path's (same units, targets and re-fits, up to floating-point rounding). Besides the model, the
    peak holds the calibration activations at one block boundary (two streams), one block's changing projections
    and one re-fit's normal equations (an fp64 Gram matrix, factored in place, of the projection's input width
-   squared). On glibc the freed heap pages are handed back to the system after calibration and after each block
-   (``malloc_trim``), so that the resident peak stays near the live one.
+   squared). On glibc the freed heap pages are handed back to the system after each sensitivity batch, after
+   calibration and after each block (``malloc_trim``), so that the resident peak stays near the live one.
 
 Blocks are used only where the first batch shows that they chain: each runs once per forward pass, in order, its
 hidden-state input is the previous block's output, and its other inputs equal the first block's (T5, whose first
@@ -459,9 +459,10 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
 def _release_freed_memory() -> None:
     """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim(0)``; nothing elsewhere).
 
-    After the calibration pass freed its logits (tens of MiB), glibc serves every smaller tensor from its heap and
-    keeps what is freed there: block after block, the resident memory would grow past what is live. Called between
-    blocks, this keeps the resident peak near the live one (``benchmarks/one_shot_memory.py``)."""
+    Once a calibration batch has freed its logits (tens of MiB), glibc serves every smaller tensor from its heap
+    and keeps what is freed there: batch after batch and block after block, the resident memory would grow past
+    what is live. Called between batches and between blocks, this keeps the resident peak near the live one
+    (``benchmarks/one_shot_memory.py``)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

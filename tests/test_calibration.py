@@ -328,7 +328,8 @@ print(before - rss_mib())
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_freed_heap_memory_is_handed_back_between_blocks():
     """The resident memory that freed tensors leave in glibc's heap is returned by the helper one_shot calls after
-    calibration and after every block (without it the benchmark's 300M LLaMA peaked at 1.33 W, with it 1.28 W)."""
+    each calibration batch and after every block (without it the benchmark's 300M LLaMA peaked at 1.33 W, with it
+    1.29 W)."""
     import subprocess
     import sys
 
