@@ -70,11 +70,16 @@ def parse_with_config(dataclass_types: Sequence[type], argv: Optional[Sequence[s
 
 def _check_precision(values: argparse.Namespace, config: Optional[str]) -> None:
     """``ValueError`` when `TrainingArguments` ask for ``bf16``/``fp16`` on a machine without a GPU, saying so up front
-    (before transformers' "Your setup doesn't support bf16/gpu") with the way to run it on the CPU."""
+    (before transformers' "Your setup doesn't support bf16/gpu") with the way to run it on the CPU. bf16 is accepted
+    where transformers accepts it (a bf16 GPU or XLA), fp16 on any accelerator."""
     import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
     wanted = [name for name in ("bf16", "fp16") if getattr(values, name, False)]
-    if not wanted or getattr(values, "use_cpu", False) or torch.cuda.is_available():
+    if not wanted or getattr(values, "use_cpu", False) or is_torch_xla_available():
+        return
+    if is_torch_bf16_gpu_available() if wanted[0] == "bf16" else (
+            torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())):
         return
     where = f"{config} sets" if config else "the flags set"
     raise ValueError(f"{where} {wanted[0]}: true, mixed-precision training on a GPU, and this machine has none. To "

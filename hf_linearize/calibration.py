@@ -109,8 +109,7 @@ logger = logging.getLogger(__name__)
 
 Target = Literal["affine", "identity"]
 Score = Literal["residual", "sensitivity"]
-_MOMENTS = ("sum_x", "sum_xx", "sum_z", "sum_zz", "sum_xz")
-_FIELDS = ("weight",) + _MOMENTS
+_FIELDS = ("weight", "sum_x", "sum_xx", "sum_z", "sum_zz", "sum_xz")
 PathLike = Union[str, Path]
 
 
@@ -136,12 +135,15 @@ class SiteMoments:
         """Accumulate ``x`` and ``z`` of shape ``[positions, C]``, each position weighted by ``w`` (same shape;
         1 when None). The fp64 products are formed a few rows at a time (at most 2 MiB each)."""
         rows = max(1, (1 << 18) // max(x.shape[1], 1))
+        totals = torch.zeros(len(_FIELDS), x.shape[1], dtype=torch.float64, device=x.device)  # one copy to the CPU
         for start in range(0, x.shape[0], rows):
             xs, zs = x[start:start + rows].to(torch.float64), z[start:start + rows].to(torch.float64)
             ws = None if w is None else w[start:start + rows].to(torch.float64)
-            self.weight.add_(xs.shape[0] if ws is None else ws.sum(0).cpu())
-            for name, value in zip(_MOMENTS, (xs, xs * xs, zs, zs * zs, xs * zs)):
-                getattr(self, name).add_((value if ws is None else ws * value).sum(0).cpu())
+            totals[0] += xs.shape[0] if ws is None else ws.sum(0)
+            for total, value in zip(totals[1:], (xs, xs * xs, zs, zs * zs, xs * zs)):
+                total += (value if ws is None else ws * value).sum(0)
+        for name, total in zip(_FIELDS, totals.cpu()):
+            getattr(self, name).add_(total)
 
     def fit(self, target: Target, glu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(p, q, residual)``: the (weighted) least-squares linear target of every unit and the (weighted) mean
@@ -352,7 +354,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: Optional[in
 
     handles = [gate.register_forward_hook(hook(name)) for name, gate in gates.items()]
     device = _input_device(model)
-    generator = torch.Generator().manual_seed(seed)
+    generator: Optional[torch.Generator] = None  # on the output's device, made at the first batch
     needs_grad = {name: gate.alpha.requires_grad for name, gate in gates.items()}
     alphas = [gate.alpha for gate in gates.values()]
     seen = 0
@@ -365,7 +367,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: Optional[in
                     break
                 output = main_output(_call(model, _to_device(batch, device)))
                 if weighted is not None:
-                    projection = torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
+                    if generator is None:
+                        generator = torch.Generator(output.device).manual_seed(seed)
+                    projection = torch.randn(output.shape, generator=generator, dtype=output.dtype,
+                                             device=output.device)
                     mask = _token_mask(batch, output)
                     if mask is not None:
                         projection = projection * mask.to(output.device).view(*mask.shape,
@@ -434,9 +439,10 @@ def _checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
     saved = [(block, block.__dict__.get("forward")) for block in blocks]  # an Accelerate hook's wrapper, or None
     for block in blocks:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False,
-                                          preserve_rng_state=False, early_stop=False)
+                                          preserve_rng_state=False)
     try:
-        yield
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # (the keyword needs torch >= 2.9)
+            yield
     finally:
         for block, forward in saved:
             if forward is None:

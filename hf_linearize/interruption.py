@@ -8,15 +8,17 @@ at once. Under several processes every rank stops at the same step: the request 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,25 @@ class SaveOnInterrupt(TrainerCallback):
 
     def resume_hint(self, output_dir: str) -> str:
         """``Interrupted at step N; the checkpoint is in DIR. Resume with: COMMAND --resume_from_checkpoint true``
-        (this process's command line)."""
+        (this process's command line; under several processes, whose worker command lines lack the launcher, the
+        launch command to rerun)."""
+        step = self.stopped_at
+        where = f"Interrupted at step {step}; the checkpoint is in {output_dir}/checkpoint-{step}."
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return f"{where} Resume by running your launch command again with --resume_from_checkpoint true."
         command = shlex.join([sys.executable, *sys.argv])
-        return (f"Interrupted at step {self.stopped_at}; the checkpoint is in {output_dir}/checkpoint-"
-                f"{self.stopped_at}. Resume with:\n  {command} --resume_from_checkpoint true")
+        return f"{where} Resume with:\n  {command} --resume_from_checkpoint true"
+
+
+def train_or_exit(trainer: Trainer, resume_from_checkpoint: Union[str, bool, None] = None) -> TrainOutput:
+    """``trainer.train(resume_from_checkpoint=...)`` with :class:`SaveOnInterrupt`: after a Ctrl-C the checkpoint is
+    saved, the main process prints :meth:`SaveOnInterrupt.resume_hint` to stderr and every process exits with status
+    130 (``SystemExit``); otherwise the ``TrainOutput``."""
+    interrupt = SaveOnInterrupt()
+    trainer.add_callback(interrupt)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if interrupt.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            print(interrupt.resume_hint(trainer.args.output_dir), file=sys.stderr)
+        sys.exit(130)
+    return result

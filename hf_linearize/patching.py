@@ -29,7 +29,7 @@ from .families import (
 )
 from .gates import ExpertGatedActivation, GatedActivation, GateKind, SharedGatedActivation
 from .probe_inputs import _call, _model_name, _shapes, default_example_inputs, input_spec
-from .sparsity import _whole
+from .sparsity import whole_tensors
 
 STATE_ATTR = "_hf_linearize"
 FOLD_ATTR = "_hf_linearize_fold"
@@ -693,7 +693,7 @@ def linear_units(model: nn.Module) -> dict[str, torch.Tensor]:
     ``full_tensor()``): then this is a collective, which every rank must call, in the same order as the others."""
     threshold = patch_state(model).config.linear_threshold
     gates = dict(gated_modules(model))
-    alphas = _whole([gate.alpha.detach() for gate in gates.values()])
+    alphas = whole_tensors([gate.alpha.detach() for gate in gates.values()])
     return {name: alpha >= 1.0 - threshold for name, alpha in zip(gates, alphas)}
 
 

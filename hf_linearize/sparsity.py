@@ -61,6 +61,7 @@ __all__ = [
     "prior_loss",
     "project_",
     "snap_",
+    "whole_tensors",
 ]
 
 Alphas = Sequence[torch.Tensor]
@@ -97,7 +98,7 @@ def _counts(masks: Sequence[torch.Tensor]) -> list[int]:
     return torch.stack([m.sum().to(dev) for m in masks]).tolist()
 
 
-def _whole(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def whole_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Every tensor whole, as a ``torch.Tensor``: a ``DTensor`` is gathered (on every rank: call on all ranks), any
     other tensor is returned as it is (not copied)."""
     return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
@@ -105,9 +106,10 @@ def _whole(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _in_place(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    """Yield `_whole` ``tensors`` to change in place; on leaving, each ``DTensor`` takes its own shard back from its
-    changed whole copy (every rank changes identical copies identically, so the shards stay consistent)."""
-    whole = _whole(tensors)
+    """Yield :func:`whole_tensors` of ``tensors`` to change in place; on leaving, each ``DTensor`` takes its own shard
+    back from its changed whole copy (every rank changes identical copies identically, so the shards stay
+    consistent)."""
+    whole = whole_tensors(tensors)
     yield whole
     for t, w in zip(tensors, whole):
         if isinstance(t, DTensor):
@@ -211,7 +213,7 @@ def _masked_fill_(tensors: Alphas, masks: Sequence[torch.Tensor], value: float) 
 def linear_counts(alphas: Alphas, eps: float) -> list[int]:
     """Per gate tensor, the number of linear units (``a >= 1 - eps``) over all its shards."""
     _check_alphas(alphas)
-    return _counts([a >= _thresholds(eps, a.dtype)[0] for a in _whole(alphas)])
+    return _counts([a >= _thresholds(eps, a.dtype)[0] for a in whole_tensors(alphas)])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from hf_linearize.arguments import (
     OneShotArguments,
     parse_with_config,
 )
-from hf_linearize.interruption import SaveOnInterrupt
+from hf_linearize.interruption import train_or_exit
 from hf_linearize.preflight import RunArguments, check_files, check_hub, check_output_dir
 from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.trainer import patch_for_training
@@ -206,13 +206,7 @@ def main() -> None:
     if one_shot_args.fit_targets:
         results["fit_targets"] = one_shot_args.fit(model, with_transform(images["train"], eval_transform), collate,
                                                    batch_size, inputs=lambda batch: batch["x"])
-    interrupt = SaveOnInterrupt()
-    trainer.add_callback(interrupt)
-    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
-    if interrupt.stopped_at is not None:
-        if trainer.is_world_process_zero():
-            print(interrupt.resume_hint(training.output_dir), file=sys.stderr)
-        sys.exit(130)
+    train_result = train_or_exit(trainer, training.resume_from_checkpoint) if one_shot_args.train else None
     final_model = trainer.accelerator.unwrap_model(model)
     scores, predictions = score(final_model, images, eval_transform, batch_size)
     report = hl.path_length_report(final_model)

@@ -408,16 +408,11 @@ def _warn_if_changed(sweep: Sweep, run: Run, launcher: Optional[str], extra: Seq
               f"{run.directory / 'sweep_run.json'}); delete {run.directory} to rerun it.")
 
 
-def _recorded_flag(command: Sequence[str], name: str) -> Optional[str]:
-    """The last value of ``--name`` in a recorded command line, else None."""
-    values = [command[i + 1] for i in range(len(command) - 1) if command[i] == f"--{name}"]
-    return values[-1] if values else None
-
-
 def folder_runs(sweep: Sweep, planned: Sequence[Run]) -> list[Run]:
     """The planned runs, then every other finished run in ``output_dir/runs`` (one of another slice of the grid,
     e.g. ``--budgets 0.5`` earlier): its schedule from its name (:func:`run_name`), its budget and lambda from the
-    command in its ``sweep_run.json``. So the tables always hold every finished run of the folder."""
+    command in its ``sweep_run.json``. So the tables always hold every finished run of the folder; a folder whose
+    name no schedule of the sweep makes is skipped with a note."""
     known = {run.directory for run in planned}
     found = []
     for directory in sorted((sweep.output_dir / "runs").glob("*/results.json")):
@@ -428,12 +423,21 @@ def folder_runs(sweep: Sweep, planned: Sequence[Run]) -> list[Run]:
         name = directory.name
         schedule = (name if name in ("baseline", "control") else name.rsplit("_", 1)[0] if name.startswith(
             "one_shot_") else name.split("_", 1)[0])
-        budget = _recorded_flag(command, "one_shot_budget" if schedule.startswith("one_shot") else "budget_target")
+        if _group(schedule) not in GROUPS:
+            print(f"[sweep] note: {directory} is not a run of this sweep's grid (by its name); left out of the tables.")
+            continue
+        budget = _flag("one_shot_budget" if schedule.startswith("one_shot") else "budget_target", {}, command, {})
         found.append(Run(name, schedule, directory, budget_target=None if budget in (None, "none") else float(budget),
-                         prior_lambda=float(_recorded_flag(command, "prior_lambda") or 0.0)))
-    groups = ["baseline", "early", "late", "one_shot", "control"]  # plan order; the sort keeps it within a group
-    return sorted([*planned, *found], key=lambda run: groups.index(run.schedule[:8] if run.schedule.startswith(
-        "one_shot") else run.schedule))
+                         prior_lambda=float(_flag("prior_lambda", {}, command, {}) or 0.0)))
+    return sorted([*planned, *found], key=lambda run: GROUPS.index(_group(run.schedule)))
+
+
+GROUPS = ("baseline", "early", "late", "one_shot", "control")
+"""The schedules' groups in plan order (:func:`folder_runs` sorts by them and keeps the order within a group)."""
+
+
+def _group(schedule: str) -> str:
+    return "one_shot" if schedule.startswith("one_shot") else schedule
 
 
 def collect(sweep: Sweep, runs: Sequence[Run]) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from hf_linearize.arguments import LinearizeArguments, OneShotArguments, load_ya
 from hf_linearize.hub import LINEARIZE_CONFIG_NAME
 from hf_linearize.preflight import RunArguments, check_files, check_hub, check_output_dir
 from hf_linearize.trainer import patch_for_training
-from hf_linearize.interruption import SaveOnInterrupt
+from hf_linearize.interruption import train_or_exit
 from hf_linearize.run_outputs import write_run_outputs
 from hf_linearize.translation.data import (
     filter_pairs,
@@ -307,13 +307,7 @@ def main() -> None:
         results["fit_targets"] = one_shot_args.fit(model, encoded["train"], trainer.data_collator,
                                                    training.per_device_eval_batch_size,
                                                    progress=trainer.is_world_process_zero())
-    interrupt = SaveOnInterrupt()
-    trainer.add_callback(interrupt)
-    train_result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint) if one_shot_args.train else None
-    if interrupt.stopped_at is not None:
-        if trainer.is_world_process_zero():
-            print(interrupt.resume_hint(training.output_dir), file=sys.stderr)
-        sys.exit(130)
+    train_result = train_or_exit(trainer, training.resume_from_checkpoint) if one_shot_args.train else None
     scores = score(trainer, corpus, encoded, tokenizer, eval_args, output_dir / "translations")
     if one_shot_args.one_shot_budget is not None and not one_shot_args.train:
         results["one_shot"]["scores"] = scores

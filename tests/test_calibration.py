@@ -315,11 +315,13 @@ from hf_linearize.calibration import _release_freed_memory
 def rss_mib():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
 
-large = torch.ones(12 << 20)
-del large  # a freed 48 MiB tensor raises glibc's mmap threshold above the smaller ones below
+start = rss_mib()
+large = torch.ones(6 << 20)
+del large  # a freed 24 MiB mmapped tensor raises glibc's mmap threshold (up to 32 MiB) above the 1 MiB ones below
 held = [torch.ones(1 << 18) for _ in range(200)]  # 200 MiB from the heap
 del held[:-1]  # all but the last: the hole stays resident, the top of the heap stays in use
 before = rss_mib()
+assert before - start > 190, before - start
 _release_freed_memory()
 print(before - rss_mib())
 """
@@ -336,6 +338,18 @@ def test_freed_heap_memory_is_handed_back_between_blocks():
     done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) > 150, done.stdout  # MiB handed back of the 199 MiB hole
+
+
+
+def test_one_shot_releases_freed_memory_per_batch_and_block(monkeypatch):
+    """The heap is trimmed after each sensitivity batch, after calibration and after each block."""
+    model, inputs = _blockwise_case("llama")
+    batches = _batches_like(inputs)
+    calls: list[int] = []
+    monkeypatch.setattr(calibration, "_release_freed_memory", lambda: calls.append(1))
+    hl.one_shot(model, batches, nonlinear_fraction=0.5, progress=False)
+    blocks = sum(len(group.blocks) for group in calibration.find_blocks(model))
+    assert blocks >= 2 and len(calls) == len(batches) + 1 + blocks
 
 
 def test_find_blocks():
@@ -356,12 +370,22 @@ def _block_chain() -> nn.Module:
 
 
 @pytest.mark.parametrize("name", ["marian", "chain"])
-def test_checkpointed_sensitivity_changes_no_statistic(name):
+def test_checkpointed_sensitivity_changes_no_statistic(name, monkeypatch):
     model, inputs = (_block_chain(), None) if name == "chain" else _blockwise_case(name)
     batches = [torch.randn(4, 8) for _ in range(3)] if name == "chain" else _batches_like(inputs)
-    assert calibration.find_blocks(model)
+    blocks = sum(len(group.blocks) for group in calibration.find_blocks(model))
+    assert blocks
     plain = hl.calibrate(model, batches, sensitivity=True, progress=False, checkpoint_blocks=False)
+    checkpoint, checkpointed_calls = torch.utils.checkpoint.checkpoint, []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        checkpointed_calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
     checkpointed = hl.calibrate(model, batches, sensitivity=True, progress=False)
+    assert len(checkpointed_calls) == blocks * len(batches)  # every block of every batch ran checkpointed
+    assert plain.sensitivity.keys() == checkpointed.sensitivity.keys() and plain.sensitivity
     for site, moments in plain.sensitivity.items():
         for field in ("weight", "sum_x", "sum_xx", "sum_z", "sum_zz", "sum_xz"):
             torch.testing.assert_close(getattr(checkpointed.sensitivity[site], field), getattr(moments, field),

@@ -106,3 +106,16 @@ def test_ctrl_c_in_the_recipe_prints_how_to_resume(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Resuming from {checkpoints[0]}" in done.stderr
     assert json.loads((out / "results.json").read_text())["train"]["steps"] == int(resume[-1])
+
+
+def test_the_hint_under_several_processes_names_the_launch_command(monkeypatch):
+    """A worker's own command line lacks ``accelerate launch``/``torchrun``: the hint says to rerun the launch."""
+    interrupt = SaveOnInterrupt()
+    interrupt.stopped_at = 7
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    hint = interrupt.resume_hint("out/run")
+    assert "out/run/checkpoint-7" in hint and "launch command again with --resume_from_checkpoint true" in hint
+    assert sys.executable not in hint
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert interrupt.resume_hint("out/run").endswith(" --resume_from_checkpoint true") and sys.executable in \
+        interrupt.resume_hint("out/run")

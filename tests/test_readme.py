@@ -279,7 +279,9 @@ def test_demo_paragraph_is_the_committed_demo_run():
             f"{clock(*divmod(round(results['train']['runtime_s']), 60))} of it training") in " ".join(text.split())
     assert (f"(load average {run['machine']['load_average_before']:.1f} to "
             f"{run['machine']['load_average_after']:.1f})") in " ".join(text.split())
-    assert all(f"# long ({run['wall_s'] / 60:.0f} min)" in command for command in commands() if "demo" in command)
+    demo = [command for command in commands() if command.split("#")[0].split() == [
+        "accelerate", "launch", "recipes/translate_wmt.py", "--config", "recipes/configs/demo.yaml"]]
+    assert len(demo) == 1 and f"# long ({run['wall_s'] / 60:.0f} min)" in demo[0], demo
     translations = (ROOT / "results" / "demo" / "translations" / "test.txt").read_text(encoding="utf-8").splitlines()
     sources = gzip.open(ROOT / "data" / "multi30k" / "test_2016_flickr.en.gz", "rt", encoding="utf-8").read()
     sources = sources.splitlines()
@@ -359,9 +361,11 @@ def test_fold_speed_tables_are_the_committed_benchmark():
 
 
 
-def _text() -> str:
-    """The README, bold markers dropped and whitespace normalized."""
-    return " ".join(README.read_text(encoding="utf-8").replace("**", "").split())
+def _text(section: str = "# hf_linearize") -> str:
+    """The README from the heading ``section`` on (all of it by default), bold markers dropped and whitespace
+    normalized."""
+    text = README.read_text(encoding="utf-8")
+    return " ".join(text[text.index(section):].replace("**", "").split())
 
 
 MNIST_RUNS = {("`mnist_resnet.yaml`", "no prior"): "mnist_resnet", ("`mnist_resnet.yaml`", "late prior"):
@@ -472,6 +476,10 @@ def test_benchmark_prose_is_the_committed_benchmarks():
 def test_multi30k_measured_paragraph_is_the_sweep_baseline():
     """"Measured: Multi30k" reports the paper reproduction's baseline run (``results/sweeps/multi30k``)."""
     baseline = next(r for r in _rows("multi30k") if r["schedule"] == "baseline")
+    marked = [command for command in commands() if "--config recipes/configs/multi30k.yaml" in command
+              and "# long (" in command and "min of training)" in command]
+    assert len(marked) == 2 and all(f"# long ({float(baseline['wall_s']) / 60:.0f} min of training)" in command
+                                    for command in marked)
     assert (f"{float(baseline['wall_s']) / 60:.0f} min of training ({int(baseline['steps']):,} steps), and with beam "
             f"4 test BLEU {float(baseline['test_bleu']):.2f}, chrF {float(baseline['test_chrf']):.2f}") in _text()
 
@@ -493,14 +501,8 @@ from the original baseline checkpoint, which was not kept (a rerun of the baseli
 model), so they cannot be redone; the README says so next to them."""
 
 
-def _paper_text() -> str:
-    """The section "Reproducing the paper", bold markers dropped and whitespace normalized."""
-    text = README.read_text(encoding="utf-8")
-    return " ".join(text[text.index("## Reproducing the paper"):].replace("**", "").split())
-
-
 def test_uncommitted_paper_numbers_are_listed():
-    text = _paper_text()
+    text = _text("## Reproducing the paper")
     missing = [phrase for phrase in UNCOMMITTED if phrase not in text]
     assert not missing, f"UNCOMMITTED phrases gone from the README (drop them here, or test their new files): {missing}"
 
@@ -718,7 +720,7 @@ def test_paper_findings_are_the_committed_results():
         ("Beyond", "at 10% nonlinear it leaves {}, {} and {} units in the encoder layers and {}, {} and {} in the "
                    "decoder's".format(*layers(row(m, "one_shot_affine_refit", 0.1)))),
     ]
-    text = _paper_text()
+    text = _text("## Reproducing the paper")
     missing = [(where, phrase) for where, phrase in expected if phrase not in text]
     assert not missing, "README numbers that are not the committed results:\n" + "\n".join(map(str, missing))
 

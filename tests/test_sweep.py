@@ -283,7 +283,7 @@ def test_a_finished_run_with_other_settings_is_noted(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_a_slice_reports_every_finished_run_of_the_folder(tmp_path):
+def test_a_slice_reports_every_finished_run_of_the_folder(tmp_path, capsys):
     """Runs of other slices (other budgets, schedules, methods), read from their sweep_run.json, join the tables."""
     sweep = load_script(SWEEP)
     full = sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.5, 0.3], schedules=["early", "late",
@@ -294,12 +294,17 @@ def test_a_slice_reports_every_finished_run_of_the_folder(tmp_path):
         command = sweep.recipe_command(full, run, None, [])
         (run.directory / "sweep_run.json").write_text(json.dumps({"command": command, "wall_s": 1.0}))
     (tmp_path / "runs" / "early_nf0.9_lam1").mkdir()  # a failed run: not finished, not reported
+    stray = tmp_path / "runs" / "test"  # a finished run of no schedule of this sweep (e.g. copied in by hand)
+    stray.mkdir()
+    (stray / "results.json").write_text("{}")
+    (stray / "sweep_run.json").write_text(json.dumps({"command": ["python", "x.py", "--seed", "1"]}))
     planned = sweep.plan(sweep.load_sweep(TINY, output_dir=str(tmp_path), budgets=[0.5], schedules=["early"]))
     assert [run.name for run in planned] == ["baseline", "early_nf0.5_lam1"]
     runs = sweep.folder_runs(full, planned)
     assert runs[:2] == planned and [run.schedule for run in runs] == [run.schedule for run in sweep.plan(full)]
     assert sorted((run.name, run.schedule, run.budget_target, run.prior_lambda) for run in runs) == sorted(
         (run.name, run.schedule, run.budget_target, run.prior_lambda) for run in sweep.plan(full))
+    assert f"{stray} is not a run of this sweep's grid" in capsys.readouterr().out
 
 
 def test_report_only_and_compare_say_what_they_found(tmp_path, capsys):
